@@ -1,0 +1,34 @@
+"""flashmm: linear mixed models for thousands of genes at once, from sufficient statistics.
+
+The data flow, one module per step::
+
+    input (_endog) -> design (_design) -> sufficient statistics (stats)
+      -> batched fit (_engine: _fit_eigen, _fit_dense, _fit_scoring)
+      -> results (results, gene, contrasts, summary)
+"""
+
+from ._design import Design, RandomComponent
+from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError
+from ._version import __version__
+from .contrasts import MultiGeneContrastResults, contrast_matrix
+from .gene import GeneResults
+from .model import MultiGeneMixedLM
+from .results import MultiGeneMixedLMResults
+from .stats import SufficientStats
+
+__all__ = [
+    "__version__",
+    "MultiGeneMixedLM",
+    "MultiGeneMixedLMResults",
+    "MultiGeneContrastResults",
+    "GeneResults",
+    "SufficientStats",
+    "Design",
+    "RandomComponent",
+    "contrast_matrix",
+    "FlashmmError",
+    "DesignError",
+    "DataError",
+    "StatsError",
+    "ConvergenceWarning",
+]

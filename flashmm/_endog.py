@@ -1,0 +1,201 @@
+"""Input: read the expression matrix (cells x genes) in chunks of cells.
+
+Everything that touches the user's expression matrix lives here: orientation and
+shape checks, gene names, chunked access for ndarray, scipy.sparse, DataFrame and
+backed (h5py-like) matrices, and the per-chunk transform.  Nothing here ever
+builds a dense cells x genes copy of a sparse input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._errors import DataError
+
+__all__ = [
+    "Transform",
+    "resolve_transform",
+    "endog_shape",
+    "gene_names_of",
+    "check_orientation",
+    "iter_chunks",
+    "DEFAULT_CHUNK_CELLS",
+]
+
+Transform = Union[None, str, Callable[[np.ndarray], np.ndarray]]
+
+DEFAULT_CHUNK_CELLS = 20_000
+
+
+def _log2p1(values: np.ndarray) -> np.ndarray:
+    return np.log2(1.0 + values)
+
+
+def _log1p(values: np.ndarray) -> np.ndarray:
+    return np.log1p(values)
+
+
+_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "log2p1": _log2p1,
+    "log1p": _log1p,
+}
+
+
+def resolve_transform(transform: Transform) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
+    """Return the transform function and its name (None for no transform)."""
+    if transform is None:
+        return None, None
+    if isinstance(transform, str):
+        if transform not in _TRANSFORMS:
+            raise DataError(
+                f"unknown transform {transform!r}; use one of {sorted(_TRANSFORMS)}, "
+                "None, or a callable applied to the values."
+            )
+        return _TRANSFORMS[transform], transform
+    if callable(transform):
+        return transform, getattr(transform, "__name__", "callable")
+    raise DataError(f"transform must be None, a name or a callable, got {transform!r}.")
+
+
+def endog_shape(endog: Any) -> tuple[int, int]:
+    """(n_cells, n_genes) of an expression matrix of any supported kind."""
+    shape = getattr(endog, "shape", None)
+    if shape is None:
+        endog = np.asarray(endog)
+        shape = endog.shape
+    if len(shape) == 1:
+        return int(shape[0]), 1
+    if len(shape) != 2:
+        raise DataError(f"endog must be a cells x genes matrix, got shape {tuple(shape)}.")
+    return int(shape[0]), int(shape[1])
+
+
+def gene_names_of(endog: Any, n_genes: int, names: Any = None) -> list[str]:
+    """Gene names: given, from DataFrame columns, or ``gene0, gene1, ...``."""
+    if names is None and isinstance(endog, pd.DataFrame):
+        names = endog.columns
+    if names is None and isinstance(endog, pd.Series):
+        names = [endog.name if endog.name is not None else "y"]
+    if names is None:
+        return [f"gene{j}" for j in range(n_genes)]
+    names = [str(x) for x in names]
+    if len(names) != n_genes:
+        raise DataError(f"{len(names)} gene names given for {n_genes} genes.")
+    return names
+
+
+def check_orientation(endog: Any, n_cells: int) -> tuple[int, int]:
+    """Check that ``endog`` has one row per cell; say so if it is transposed."""
+    rows, cols = endog_shape(endog)
+    if rows != n_cells:
+        if cols == n_cells:
+            raise DataError(
+                f"endog has shape ({rows}, {cols}) but there are {n_cells} cells: it "
+                "looks like genes x cells. flashmm expects cells in rows (as AnnData "
+                "and statsmodels); pass endog.T."
+            )
+        raise DataError(
+            f"endog has {rows} rows but the design has {n_cells} cells; they must match."
+        )
+    return rows, cols
+
+
+def _row_block(endog: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+    """Rows [start, stop) of endog as a float64 ndarray or CSR matrix."""
+    if isinstance(endog, (pd.DataFrame, pd.Series)):
+        block = endog.iloc[start:stop]
+        if isinstance(endog, pd.DataFrame) and any(
+            isinstance(dt, pd.SparseDtype) for dt in endog.dtypes
+        ):
+            return sp.csr_matrix(block.sparse.to_coo(), dtype=np.float64)
+        arr = block.to_numpy(dtype=np.float64)
+        return arr[:, None] if arr.ndim == 1 else arr
+    if sp.issparse(endog):
+        return sp.csr_matrix(endog[start:stop], dtype=np.float64)
+    block = endog[start:stop]
+    if sp.issparse(block):
+        return sp.csr_matrix(block, dtype=np.float64)
+    if hasattr(block, "to_memory"):  # anndata backed sparse dataset
+        block = block.to_memory()
+        if sp.issparse(block):
+            return sp.csr_matrix(block, dtype=np.float64)
+    arr = np.asarray(block, dtype=np.float64)
+    return arr[:, None] if arr.ndim == 1 else arr
+
+
+def prepare_endog(endog: Any) -> Any:
+    """Make row slicing efficient: CSC/COO inputs are converted to CSR once."""
+    if sp.issparse(endog) and endog.format != "csr":
+        return sp.csr_matrix(endog)
+    if isinstance(endog, (list, tuple)):
+        return np.asarray(endog, dtype=np.float64)
+    return endog
+
+
+def iter_chunks(
+    endog: Any,
+    chunk_size: int = DEFAULT_CHUNK_CELLS,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    gene_names: list[str] | None = None,
+) -> Iterator[tuple[int, int, np.ndarray | sp.csr_matrix]]:
+    """Yield ``(start, stop, block)`` over consecutive chunks of cells.
+
+    ``block`` is float64, dense or CSR, with the transform applied (to the stored
+    values only for sparse input, so zeros stay zeros: transforms must map 0 to 0).
+    Non-finite values, and negative values under a log transform, raise a
+    DataError naming the first offending gene.
+    """
+    n, _ = endog_shape(endog)
+    if chunk_size < 1:
+        raise DataError(f"chunk_size must be positive, got {chunk_size}.")
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        block = _row_block(endog, start, stop)
+        yield start, stop, apply_transform(block, transform, gene_names)
+
+
+def apply_transform(
+    block: np.ndarray | sp.csr_matrix,
+    transform: Callable[[np.ndarray], np.ndarray] | None,
+    gene_names: list[str] | None = None,
+) -> np.ndarray | sp.csr_matrix:
+    """Validate a block of values and apply the transform."""
+    values = block.data if sp.issparse(block) else block
+    _check_finite(block, values, gene_names, "endog")
+    if transform is None:
+        return block
+    if np.any(values < 0):
+        _raise_at_first_gene(block, values < 0, gene_names,
+                             "negative values cannot be log-transformed")
+    new = np.asarray(transform(values), dtype=np.float64)
+    if new.shape != values.shape:
+        raise DataError("transform must return an array of the same shape as its input.")
+    if sp.issparse(block):
+        out = block.copy()
+        out.data = new
+        return out
+    return new
+
+
+def _check_finite(block: Any, values: np.ndarray, gene_names: list[str] | None, what: str) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        _raise_at_first_gene(
+            block, bad, gene_names,
+            f"{what} contains NaN or inf; remove or impute them, or use missing='drop'",
+        )
+
+
+def _raise_at_first_gene(block: Any, bad: np.ndarray, gene_names: list[str] | None,
+                         message: str) -> None:
+    if sp.issparse(block):
+        col = int(block.indices[np.flatnonzero(bad)].min())
+    else:
+        col = int(np.flatnonzero(bad.any(axis=0))[0])
+    name = gene_names[col] if gene_names else f"column {col}"
+    raise DataError(f"{message} (first offending gene: {name!r}).")

@@ -1,0 +1,148 @@
+"""Batched fit: sufficient statistics in, per-gene variance estimates out.
+
+Chooses the optimiser (eigen path for one component, projected Newton for
+several, FLASHMM's scoring when negative variances are allowed), flags genes
+that cannot be fitted, and returns plain arrays: the numerical core never sees
+pandas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._fit_dense import DenseCriterion, fit_ratios_dense
+from ._fit_eigen import EigenCriterion, fit_ratio_eigen
+from ._fit_scoring import ScoringProblem, fisher_scoring
+from ._gls import logdet_ratio
+from ._reduce import Reduced, reduce_stats, symmetric_eigh
+from .stats import SufficientStats
+
+__all__ = ["EngineFit", "fit_variance_ratios", "STATUS_OK"]
+
+STATUS_OK = "ok"
+STATUS_ALL_ZERO = "all zero"
+STATUS_EXACT = "no residual variance (constant or fitted exactly)"
+
+
+@dataclass
+class EngineFit:
+    """Per-gene output of the variance optimisation (genes in rows)."""
+
+    ratios: np.ndarray      # (G, k)  s_i / s
+    scale: np.ndarray       # (G,)    residual variance s
+    llf: np.ndarray         # (G,)    lme4/statsmodels log-likelihood
+    converged: np.ndarray   # (G,)
+    n_iter: np.ndarray      # (G,)
+    status: np.ndarray      # (G,) str
+    reml: bool
+    method: str             # "eigen", "newton" or "flashmm-scoring"
+    se_theta: np.ndarray | None = None  # FLASHMM's se(theta) (scoring only)
+
+
+def _degenerate_status(stats: SufficientStats, red: Reduced) -> np.ndarray:
+    """Genes that have nothing to fit: all zero, or zero residual after X."""
+    status = np.full(stats.n_genes, STATUS_OK, dtype=object)
+    allzero = stats.yy <= 0.0
+    exact = red.yRy <= 1e-12 * np.maximum(stats.yy, np.finfo(float).tiny)
+    status[exact] = STATUS_EXACT
+    status[allzero] = STATUS_ALL_ZERO
+    return status
+
+
+def fit_variance_ratios(
+    stats: SufficientStats,
+    reml: bool = True,
+    start_ratios: np.ndarray | None = None,
+    tol: float = 1e-10,
+    maxiter: int = 200,
+    allow_negative_variance: bool = False,
+    scoring_epsilon: float = 1e-5,
+    scoring_maxiter: int = 50,
+) -> EngineFit:
+    """Estimate the variance ratios of every gene; see the module docstring."""
+    red = reduce_stats(stats)
+    status = _degenerate_status(stats, red)
+    ok = np.flatnonzero(status == STATUS_OK)
+    G, k = stats.n_genes, len(stats.components)
+    m = red.n - red.p if reml else red.n
+    ratios = np.full((G, k), np.nan)
+    converged = np.zeros(G, dtype=bool)
+    n_iter = np.zeros(G, dtype=np.int64)
+    E = np.eye(k)[stats.component_index]
+    se_theta = None
+    if allow_negative_variance:
+        method = "flashmm-scoring"
+        prob = ScoringProblem(red.ZRZ, red.ZRy[:, ok].T, red.yRy[ok],
+                              red.ZRZ if reml else stats.ZZ, E, m, red.n - red.p)
+        res = fisher_scoring(prob, scoring_epsilon, scoring_maxiter)
+        ratios[ok] = res.theta[:, :k] / res.theta[:, k:]
+        converged[ok], n_iter[ok] = res.converged, res.n_iter
+        se_theta = np.full((G, k + 1), np.nan)
+        se_theta[ok] = np.sqrt(np.abs(np.diagonal(np.linalg.pinv(res.fim), axis1=1, axis2=2)))
+    elif k == 1:
+        method = "eigen"
+        lam, U = symmetric_eigh(red.ZRZ)
+        w = U.T @ red.ZRy[:, ok]
+        w[lam == 0.0] = 0.0
+        det = lam if reml else symmetric_eigh(stats.ZZ)[0]
+        crit = EigenCriterion(lam, (w * w).T, red.yRy[ok], det, m)
+        res = fit_ratio_eigen(crit, tol=tol, maxiter=maxiter)
+        ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
+    else:
+        method = "newton"
+        crit = DenseCriterion(red.ZRZ, red.ZRy[:, ok].T, red.yRy[ok],
+                              red.ZRZ if reml else stats.ZZ, E, m)
+        start = None if start_ratios is None else np.broadcast_to(start_ratios, (G, k))[ok]
+        res = fit_ratios_dense(crit, start=start, tol=tol, maxiter=maxiter)
+        ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
+    scale, llf = _scale_and_llf(stats, red, ratios, reml, ok)
+    return EngineFit(ratios, scale, llf, converged, n_iter, status.astype(str), reml, method, se_theta)
+
+
+def quadratic_form(red: Reduced, gdiag: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """``S = yRy - ZRy' G (I + ZRZ G)^-1 ZRy`` at per-effect ratios (any sign)."""
+    q = red.ZRZ.shape[0]
+    out = np.empty(genes.size)
+    step = max(1, 4_000_000 // max(1, q * q))
+    for s in range(0, genes.size, step):
+        idx = genes[s:s + step]
+        gd = gdiag[s:s + step]
+        A = np.eye(q)[None] + red.ZRZ[None] * gd[:, None, :]
+        r = red.ZRy[:, idx].T
+        a = np.linalg.solve(A, r[:, :, None])[:, :, 0]
+        out[s:s + step] = red.yRy[idx] - np.sum(gd * r * a, axis=1)
+    return out
+
+
+def _quad_and_logdet(stats: SufficientStats, red: Reduced, ratios: np.ndarray, reml: bool,
+                     ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``S`` and the log-determinant term at the given ratios (genes ``ok``)."""
+    if len(stats.components) == 1:
+        lam, U = symmetric_eigh(red.ZRZ)
+        w = U.T @ red.ZRy[:, ok]
+        g = ratios[ok, 0][:, None]
+        S = red.yRy[ok] - np.sum((w * w).T * g / (1.0 + g * lam), axis=1)
+        det = lam if reml else symmetric_eigh(stats.ZZ)[0]
+        return S, np.sum(np.log(np.abs(1.0 + g * det)), axis=1)
+    gdiag = ratios[ok][:, stats.component_index]
+    return quadratic_form(red, gdiag, ok), logdet_ratio(red.ZRZ if reml else stats.ZZ, gdiag)
+
+
+def _scale_and_llf(stats: SufficientStats, red: Reduced, ratios: np.ndarray, reml: bool,
+                   ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Profiled residual variance and the standard log-likelihood per gene."""
+    G = stats.n_genes
+    scale = np.full(G, np.nan)
+    llf = np.full(G, np.nan)
+    if ok.size == 0:
+        return scale, llf
+    S, logdet = _quad_and_logdet(stats, red, ratios, reml, ok)
+    m = red.n - red.p if reml else red.n
+    s = S / m
+    if reml:
+        logdet = logdet + red.logdet_XX
+    scale[ok] = s
+    llf[ok] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi * s)) + logdet)
+    return scale, llf

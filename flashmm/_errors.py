@@ -1,0 +1,25 @@
+"""Exceptions and warnings raised by flashmm."""
+
+from __future__ import annotations
+
+__all__ = ["FlashmmError", "DesignError", "DataError", "StatsError", "ConvergenceWarning"]
+
+
+class FlashmmError(ValueError):
+    """Base class of flashmm's input errors (a ValueError)."""
+
+
+class DesignError(FlashmmError):
+    """The fixed or random design is invalid (shape, missing values, rank)."""
+
+
+class DataError(FlashmmError):
+    """The expression matrix is invalid (orientation, values, names)."""
+
+
+class StatsError(FlashmmError):
+    """Sufficient statistics are incompatible or a file is not a flashmm file."""
+
+
+class ConvergenceWarning(UserWarning):
+    """Some genes did not converge; see ``results.converged``."""

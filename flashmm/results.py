@@ -1,0 +1,477 @@
+"""Results of a multi-gene fit, with statsmodels' names, genes in rows.
+
+Everything is derived lazily (and cached) from the per-gene variance ratios and
+the sufficient statistics; nothing loops over genes in Python.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from ._engine import STATUS_OK, EngineFit
+from ._gls import GLSEstimates, gls_estimates
+from ._reduce import Reduced, reduce_stats
+from ._satterthwaite import information_gs, satterthwaite_df
+from .contrasts import MultiGeneContrastResults, build_contrasts, wald_test_matrix
+
+if TYPE_CHECKING:
+    from .gene import GeneResults
+    from .model import MultiGeneMixedLM
+
+__all__ = ["MultiGeneMixedLMResults"]
+
+
+class MultiGeneMixedLMResults:
+    """Per-gene estimates and inference of a :class:`MultiGeneMixedLM` fit.
+
+    Per-gene tables are DataFrames with genes as rows (index = gene names) and
+    terms or components as columns; per-gene scalars are Series.  Names follow
+    statsmodels' ``MixedLMResults``.  Use :meth:`gene` for a one-gene view.
+    """
+
+    def __init__(self, model: MultiGeneMixedLM, fit: EngineFit, df_method: str = "satterthwaite") -> None:
+        self.model = model
+        self._fit = fit
+        self.df_method = df_method
+        self.reml = fit.reml
+        self.method = "REML" if fit.reml else "ML"
+        self.optimizer = fit.method
+
+    # ----------------------------------------------------------- basics
+    @property
+    def stats(self):  # noqa: ANN201 - SufficientStats
+        """The sufficient statistics the fit was computed from."""
+        return self.model.stats
+
+    @property
+    def gene_names(self) -> pd.Index:
+        """Gene names (the row index of every per-gene table)."""
+        return pd.Index(self.stats.gene_names, name="gene")
+
+    @property
+    def exog_names(self) -> list[str]:
+        """Fixed-effect term names."""
+        return list(self.stats.exog_names)
+
+    @property
+    def component_names(self) -> list[str]:
+        """Random component names."""
+        return [c.name for c in self.stats.components]
+
+    @property
+    def k_fe(self) -> int:
+        """Number of fixed-effect terms."""
+        return self.stats.k_fe
+
+    @property
+    def nobs(self) -> int:
+        """Number of cells."""
+        return int(self.stats.n)
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes."""
+        return self.stats.n_genes
+
+    def _series(self, values: np.ndarray, name: str) -> pd.Series:
+        return pd.Series(values, index=self.gene_names, name=name)
+
+    def _frame(self, values: np.ndarray, columns: list[str]) -> pd.DataFrame:
+        return pd.DataFrame(values, index=self.gene_names, columns=columns)
+
+    @cached_property
+    def _usable(self) -> np.ndarray:
+        return self._fit.status == STATUS_OK
+
+    @cached_property
+    def _reduced(self) -> Reduced:
+        return reduce_stats(self.stats)
+
+    @cached_property
+    def _gls(self) -> GLSEstimates:
+        ratios = np.where(self._usable[:, None], self._fit.ratios, 0.0)
+        est = gls_estimates(self.stats, ratios[:, self.stats.component_index])
+        bad = ~self._usable
+        for arr in (est.fe_params, est.cov_unscaled, est.blup_unscaled, est.condvar_unscaled):
+            arr[bad] = np.nan
+        return est
+
+    # --------------------------------------------------- variance parameters
+    @property
+    def ratios(self) -> pd.DataFrame:
+        """Variance ratios ``s_i / s`` (statsmodels' unscaled parameters)."""
+        return self._frame(self._fit.ratios, self.component_names)
+
+    @cached_property
+    def scale(self) -> pd.Series:
+        """Residual variance per gene."""
+        return self._series(self._fit.scale, "scale")
+
+    @cached_property
+    def vcomp(self) -> pd.DataFrame:
+        """Variance of every random component, absolute units (genes x components)."""
+        return self._frame(self._fit.ratios * self._fit.scale[:, None], self.component_names)
+
+    @property
+    def cov_re(self) -> pd.DataFrame:
+        """Random-effect variances (genes x components); alias of :attr:`vcomp`."""
+        return self.vcomp
+
+    @cached_property
+    def llf(self) -> pd.Series:
+        """Log-likelihood (REML or ML) in the lme4 / statsmodels convention."""
+        return self._series(self._fit.llf, "llf")
+
+    @cached_property
+    def converged(self) -> pd.Series:
+        """Whether the optimiser converged for each gene."""
+        return self._series(self._fit.converged & self._usable, "converged")
+
+    @cached_property
+    def n_iter(self) -> pd.Series:
+        """Iterations used per gene."""
+        return self._series(self._fit.n_iter, "n_iter")
+
+    @cached_property
+    def boundary(self) -> pd.Series:
+        """True where a variance component is estimated at 0 (lme4's singular fit)."""
+        return self._series(np.any(self._fit.ratios == 0.0, axis=1) & self._usable, "boundary")
+
+    @cached_property
+    def status(self) -> pd.Series:
+        """Per-gene status: ``"ok"`` or why the gene could not be fitted."""
+        return self._series(self._fit.status, "status")
+
+    @cached_property
+    def icc(self) -> pd.DataFrame:
+        """Fraction of the total variance due to each component (intra-class correlation)."""
+        v = self.vcomp.to_numpy()
+        total = v.sum(axis=1) + self._fit.scale
+        return self._frame(v / total[:, None], self.component_names)
+
+    # -------------------------------------------------------- fixed effects
+    @cached_property
+    def fe_params(self) -> pd.DataFrame:
+        """Fixed-effect estimates (genes x terms)."""
+        return self._frame(self._gls.fe_params, self.exog_names)
+
+    def cov_params(self) -> np.ndarray:
+        """Covariance of the fixed effects, array (genes, p, p)."""
+        return self._gls.cov_unscaled * self._fit.scale[:, None, None]
+
+    @cached_property
+    def bse_fe(self) -> pd.DataFrame:
+        """Standard errors of the fixed effects."""
+        cov = self.cov_params()
+        return self._frame(np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), self.exog_names)
+
+    @cached_property
+    def _info(self) -> np.ndarray:
+        """Observed information of (ratios, scale), per gene."""
+        ok = self._usable
+        out = np.full((self.n_genes,) + (len(self.component_names) + 1,) * 2, np.nan)
+        if ok.any():
+            red = self._reduced
+            sub = Reduced(red.ZRZ, red.ZRy[:, ok], red.yRy[ok], red.logdet_XX, red.n, red.p)
+            out[ok] = information_gs(self.stats, sub, self._fit.ratios[ok], self._fit.scale[ok], self.reml)
+        return out
+
+    @cached_property
+    def bse_re(self) -> pd.DataFrame:
+        """Standard errors of the ratios ``s_i / s`` (statsmodels' ``bse_re``).
+
+        From the observed information of the profiled log-likelihood; NaN for
+        a component at the boundary.
+        """
+        k = len(self.component_names)
+        info = self._info[:, :k, :k]
+        with np.errstate(invalid="ignore"):
+            # profile out the scale: the ratio block of the inverse information
+            cov = _safe_inv(self._info)[:, :k, :k]
+        se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+        se = np.where(self._fit.ratios > 0, se, np.nan)
+        del info
+        return self._frame(se, [f"{c} Var" for c in self.component_names])
+
+    @cached_property
+    def se_vcomp(self) -> pd.DataFrame:
+        """Standard errors of the variances ``(s_1, ..., s_k, s)`` (FLASHMM's ``se.theta``).
+
+        With ``allow_negative_variance=True`` these are FLASHMM's values (inverse
+        expected information at its estimate); otherwise the inverse observed
+        information of ``(s_1, ..., s_k, s)``, NaN for components at 0.
+        """
+        cols = self.component_names + ["residual"]
+        if self._fit.se_theta is not None:
+            return self._frame(self._fit.se_theta, cols)
+        k = len(self.component_names)
+        J = _jacobian_to_variances(self._fit.ratios, self._fit.scale)   # d theta / d(g, s)
+        cov_gs = _safe_inv(self._info)
+        cov = J @ cov_gs @ np.swapaxes(J, 1, 2)
+        se = np.sqrt(np.abs(np.diagonal(cov, axis1=1, axis2=2)))
+        se[:, :k] = np.where(self._fit.ratios > 0, se[:, :k], np.nan)
+        return self._frame(se, cols)
+
+    def vcomp_test(self) -> pd.DataFrame:
+        """One-sided z-test of each variance component against 0.
+
+        Returns a DataFrame (genes x components) of p-values
+        ``P(Z > s_i / se(s_i))``; a component at 0 gets p = 1. This Wald test
+        is approximate near the boundary; :meth:`compare_lr_test` against the
+        model without the component is the better test.
+        """
+        k = len(self.component_names)
+        z = self.vcomp.to_numpy() / self.se_vcomp.to_numpy()[:, :k]
+        p = np.where(self.vcomp.to_numpy() > 0, sps.norm.sf(z), 1.0)
+        p[~self._usable] = np.nan
+        return self._frame(p, self.component_names)
+
+    @cached_property
+    def params(self) -> pd.DataFrame:
+        """Fixed effects, then the variance ratios ``"<name> Var"`` (statsmodels' params)."""
+        ratios = self._fit.ratios
+        cols = self.exog_names + [f"{c} Var" for c in self.component_names]
+        return self._frame(np.hstack([self._gls.fe_params, ratios]), cols)
+
+    @cached_property
+    def bse(self) -> pd.DataFrame:
+        """Standard errors of :attr:`params`."""
+        return pd.concat([self.bse_fe, self.bse_re], axis=1)
+
+    # ------------------------------------------------------ degrees of freedom
+    @cached_property
+    def df_resid(self) -> pd.Series:
+        """Residual degrees of freedom ``n - p`` (FLASHMM's df)."""
+        return self._series(np.full(self.n_genes, float(self.nobs - self.k_fe)), "df_resid")
+
+    def _check_df_method(self, df_method: str | None) -> str:
+        method = self.df_method if df_method is None else df_method
+        if method not in ("satterthwaite", "residual", "normal"):
+            raise ValueError(
+                f"df_method must be 'satterthwaite', 'residual' or 'normal', got {method!r}."
+            )
+        return method
+
+    def contrast_df(self, L: np.ndarray, df_method: str | None = None) -> np.ndarray:
+        """Denominator df of every contrast row of ``L`` (genes x rows)."""
+        method = self._check_df_method(df_method)
+        G, r = self.n_genes, L.shape[0]
+        if method == "normal":
+            return np.full((G, r), np.inf)
+        if method == "residual":
+            return np.full((G, r), float(self.nobs - self.k_fe))
+        return satterthwaite_df(self.stats, self._reduced, self._fit.ratios, self._fit.scale,
+                                self._gls.cov_unscaled, L, self.reml, info=self._info)
+
+    def contrast_df_rows(self, L: np.ndarray) -> np.ndarray:
+        """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
+        return satterthwaite_df(self.stats, self._reduced, self._fit.ratios, self._fit.scale,
+                                self._gls.cov_unscaled, L, self.reml, info=self._info)
+
+    @cached_property
+    def df_satterthwaite(self) -> pd.DataFrame:
+        """Satterthwaite df of every fixed-effect coefficient (genes x terms)."""
+        return self._frame(self.contrast_df(np.eye(self.k_fe), "satterthwaite"), self.exog_names)
+
+    @cached_property
+    def df_terms(self) -> pd.DataFrame:
+        """Denominator df of each coefficient under the fit's ``df_method``."""
+        if self.df_method == "satterthwaite":
+            return self.df_satterthwaite
+        return self._frame(self.contrast_df(np.eye(self.k_fe)), self.exog_names)
+
+    @cached_property
+    def tvalues(self) -> pd.DataFrame:
+        """Estimate / standard error of every fixed effect."""
+        return self.fe_params / self.bse_fe
+
+    @cached_property
+    def pvalues(self) -> pd.DataFrame:
+        """Two-sided p-values of the fixed effects with the fit's ``df_method``."""
+        return self._frame(_two_sided_p(self.tvalues.to_numpy(), self.df_terms.to_numpy()),
+                           self.exog_names)
+
+    def conf_int(self, alpha: float = 0.05, df_method: str | None = None) -> pd.DataFrame:
+        """Confidence intervals of the fixed effects, one tidy row per gene and term.
+
+        Returns
+        -------
+        DataFrame with columns ``gene, term, lower, upper`` (same df as the tests).
+        """
+        df = (self.df_terms.to_numpy() if df_method is None
+              else self.contrast_df(np.eye(self.k_fe), df_method))
+        crit = _t_quantile(1 - alpha / 2, df)
+        b, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
+        G, p = b.shape
+        return pd.DataFrame({
+            "gene": np.repeat(self.gene_names.to_numpy(), p),
+            "term": np.tile(self.exog_names, G),
+            "lower": (b - crit * se).ravel(),
+            "upper": (b + crit * se).ravel(),
+        })
+
+    # ------------------------------------------------------------- tests
+    def t_test(self, contrast: Any, alternative: str = "two-sided",
+               df_method: str | None = None) -> MultiGeneContrastResults:
+        """Test linear contrasts of the fixed effects for every gene.
+
+        Parameters
+        ----------
+        contrast : array_like, str, list of str or dict
+            A vector of length p, a matrix (r x p), a patsy/statsmodels
+            hypothesis string or list of strings
+            (``"cls[1]:trt[T.B] - cls[2]:trt[T.B] = 0"``), a FLASHMM
+            ``contrast.matrix``-style expression over term names
+            (``"A - (B + C) / 2"``), or a dict name -> any of these.
+        alternative : {"two-sided", "larger", "smaller"}
+        df_method : {"satterthwaite", "residual", "normal"}, optional
+            Defaults to the fit's ``df_method``.
+        """
+        names, L, q = build_contrasts(contrast, self.exog_names)
+        method = self._check_df_method(df_method)
+        return MultiGeneContrastResults.from_fit(self, names, L, q, alternative, method)
+
+    def wald_test(self, hypothesis: Any, df_method: str | None = None) -> pd.DataFrame:
+        """Joint test of several contrast rows (F with df, chi-square when normal).
+
+        Returns a DataFrame per gene: ``statistic, df_num, df_denom, pvalue``.
+        """
+        names, L, q = build_contrasts(hypothesis, self.exog_names)
+        method = self._check_df_method(df_method)
+        return wald_test_matrix(self, L, q, method)
+
+    f_test = wald_test
+
+    def compare_lr_test(self, restricted: MultiGeneMixedLMResults) -> pd.DataFrame:
+        """Likelihood-ratio test against a nested (restricted) fit, gene by gene.
+
+        REML fits can only be compared when the fixed designs are identical
+        (REML likelihoods of different fixed designs are not comparable); refit
+        both with ``reml=False`` to compare fixed effects.
+
+        Returns a DataFrame per gene: ``statistic, df, pvalue``. With fewer
+        variance parameters in the restricted model, the p-value uses a
+        chi-square with the difference in parameters (conservative at the
+        boundary, as in statsmodels).
+        """
+        if self.reml != restricted.reml:
+            raise ValueError("cannot compare a REML fit with an ML fit; refit both the same way.")
+        if list(self.gene_names) != list(restricted.gene_names):
+            raise ValueError("the two fits have different genes.")
+        if self.reml and self.exog_names != restricted.exog_names:
+            raise ValueError(
+                "REML likelihoods of models with different fixed effects are not comparable "
+                f"({self.k_fe} vs {restricted.k_fe} terms); refit both with reml=False."
+            )
+        k_full = self.k_fe + len(self.component_names)
+        k_rest = restricted.k_fe + len(restricted.component_names)
+        dfd = k_full - k_rest
+        if dfd <= 0:
+            raise ValueError("the restricted model must have fewer parameters than this one.")
+        stat = 2.0 * (self.llf.to_numpy() - restricted.llf.to_numpy())
+        stat = np.maximum(stat, 0.0)
+        return pd.DataFrame({"statistic": stat, "df": dfd, "pvalue": sps.chi2.sf(stat, dfd)},
+                            index=self.gene_names)
+
+    # ------------------------------------------------------- information
+    @cached_property
+    def aic(self) -> pd.Series:
+        """Akaike information criterion (NaN for REML, as statsmodels)."""
+        k = self.k_fe + len(self.component_names) + 1
+        vals = -2 * self.llf.to_numpy() + 2 * k if not self.reml else np.full(self.n_genes, np.nan)
+        return self._series(vals, "aic")
+
+    @cached_property
+    def bic(self) -> pd.Series:
+        """Bayesian information criterion (NaN for REML, as statsmodels)."""
+        k = self.k_fe + len(self.component_names) + 1
+        vals = (-2 * self.llf.to_numpy() + np.log(self.nobs) * k if not self.reml
+                else np.full(self.n_genes, np.nan))
+        return self._series(vals, "bic")
+
+    # ---------------------------------------------------------------- BLUPs
+    @cached_property
+    def random_effects(self) -> dict[str, pd.DataFrame]:
+        """BLUPs: component name -> DataFrame (genes x levels)."""
+        return self._split_effects(self._gls.blup_unscaled)
+
+    @cached_property
+    def random_effects_cov(self) -> dict[str, pd.DataFrame]:
+        """Conditional variances of the BLUPs (statsmodels' ``ranef_condvar``)."""
+        return self._split_effects(self._gls.condvar_unscaled * self._fit.scale[:, None])
+
+    def _split_effects(self, values: np.ndarray) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+        start = 0
+        for comp in self.stats.components:
+            stop = start + comp.size
+            out[comp.name] = self._frame(values[:, start:stop], list(comp.levels))
+            start = stop
+        return out
+
+    # ---------------------------------------------------------- one gene
+    def gene(self, name: str | int) -> GeneResults:
+        """A one-gene view with statsmodels ``MixedLMResults`` attribute names."""
+        from .gene import GeneResults
+
+        if isinstance(name, (int, np.integer)):
+            pos = int(name)
+        else:
+            try:
+                pos = self.gene_names.get_loc(name)
+            except KeyError:
+                raise KeyError(f"gene {name!r} is not in the results.") from None
+        return GeneResults(self, pos)
+
+    # ---------------------------------------------------------- summaries
+    def summary(self, alpha: float = 0.05, fdr: float = 0.05) -> Any:
+        """A statsmodels ``Summary`` of the whole fit (see :mod:`flashmm.summary`)."""
+        from .summary import fit_summary
+
+        return fit_summary(self, alpha=alpha, fdr=fdr)
+
+    def summary_frame(self) -> pd.DataFrame:
+        """Tidy table of every coefficient: gene, term, effect, se, t, df, pvalue, padj."""
+        return self.t_test(np.eye(self.k_fe)).summary_frame().assign(
+            contrast=lambda d: d["contrast"]
+        )
+
+    def __repr__(self) -> str:
+        return (f"<MultiGeneMixedLMResults: {self.n_genes} genes, {self.nobs} cells, "
+                f"{self.method}, {int(self.converged.sum())} converged>")
+
+
+def _safe_inv(mats: np.ndarray) -> np.ndarray:
+    out = np.full_like(mats, np.nan)
+    ok = np.all(np.isfinite(mats), axis=(1, 2))
+    if ok.any():
+        out[ok] = np.linalg.pinv(mats[ok])
+    return out
+
+
+def _jacobian_to_variances(ratios: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Jacobian of ``(s_1..s_k, s) = (g_1 s, ..., g_k s, s)`` w.r.t. ``(g, s)``."""
+    G, k = ratios.shape
+    J = np.zeros((G, k + 1, k + 1))
+    J[:, np.arange(k), np.arange(k)] = scale[:, None]
+    J[:, :k, k] = ratios
+    J[:, k, k] = 1.0
+    return J
+
+
+def _t_quantile(prob: float, df: np.ndarray) -> np.ndarray:
+    df = np.asarray(df, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isinf(df), sps.norm.ppf(prob), sps.t.ppf(prob, np.where(np.isinf(df), 1, df)))
+
+
+def _two_sided_p(t: np.ndarray, df: np.ndarray) -> np.ndarray:
+    df = np.broadcast_to(np.asarray(df, dtype=float), t.shape)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isinf(df), 2 * sps.norm.sf(np.abs(t)),
+                        2 * sps.t.sf(np.abs(t), np.where(np.isinf(df), 1, df)))

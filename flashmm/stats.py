@@ -1,0 +1,343 @@
+"""Sufficient statistics: one pass over the cells, additive, saveable.
+
+Everything the fit needs is a sum over cells (see ``MATH.md``): the shared
+``XX = X'X``, ``ZX = Z'X``, ``ZZ = Z'Z`` and ``n``, and per gene ``XY = X'Y``,
+``ZY = Z'Y`` and ``yy`` (the sum of squares).  They are computed chunk by chunk,
+sparse input stays sparse, and statistics of disjoint sets of cells add up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._design import Design, RandomComponent
+from ._endog import (
+    DEFAULT_CHUNK_CELLS,
+    Transform,
+    check_orientation,
+    gene_names_of,
+    iter_chunks,
+    prepare_endog,
+    resolve_transform,
+)
+from ._errors import StatsError
+from ._version import __version__
+
+__all__ = ["SufficientStats", "FILE_FORMAT", "FILE_VERSION"]
+
+FILE_FORMAT = "flashmm-sufficient-statistics"
+FILE_VERSION = 1
+
+_SHARED = ("XX", "ZX", "ZZ")
+_PER_GENE = ("XY", "ZY", "yy")
+
+
+@dataclass(eq=False)
+class SufficientStats:
+    """Sufficient statistics of a linear mixed model shared by many genes.
+
+    Attributes
+    ----------
+    XX : ndarray, shape (p, p)
+        ``X'X``.
+    ZX : ndarray, shape (q, p)
+        ``Z'X``.
+    ZZ : ndarray, shape (q, q)
+        ``Z'Z``.
+    n : int
+        Number of cells.
+    XY : ndarray, shape (p, n_genes)
+        ``X'Y`` (genes are columns, as in the formulas of MATH.md).
+    ZY : ndarray, shape (q, n_genes)
+        ``Z'Y``.
+    yy : ndarray, shape (n_genes,)
+        Sum over cells of ``y**2`` for every gene.
+    exog_names : list of str
+        Fixed-effect term names.
+    components : tuple of RandomComponent
+        Random components (names and levels), in the column order of ``Z``.
+    gene_names : list of str
+        Gene names.
+    transform : str or None
+        Name of the transform applied to the expression values.
+    info : dict
+        Provenance (formula, groups, ...), JSON-serialisable.
+    """
+
+    XX: np.ndarray
+    ZX: np.ndarray
+    ZZ: np.ndarray
+    n: int
+    XY: np.ndarray
+    ZY: np.ndarray
+    yy: np.ndarray
+    exog_names: list[str]
+    components: tuple[RandomComponent, ...]
+    gene_names: list[str]
+    transform: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (responses)."""
+        return self.XY.shape[1]
+
+    @property
+    def k_fe(self) -> int:
+        """Number of fixed-effect terms p."""
+        return self.XX.shape[0]
+
+    @property
+    def k_re(self) -> int:
+        """Total number of random effects q."""
+        return self.ZZ.shape[0]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of random effects in each component."""
+        return [c.size for c in self.components]
+
+    @property
+    def component_index(self) -> np.ndarray:
+        """For every random effect (column of Z), the index of its component."""
+        return np.repeat(np.arange(len(self.components)), self.sizes)
+
+    # ----------------------------------------------------------- computation
+    @classmethod
+    def from_design(
+        cls,
+        design: Design,
+        endog: Any,
+        transform: Transform = None,
+        chunk_size: int = DEFAULT_CHUNK_CELLS,
+        gene_names: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> SufficientStats:
+        """Compute the statistics in one pass over the cells of ``endog``.
+
+        Parameters
+        ----------
+        design : Design
+            Fixed and random designs of the cells.
+        endog : ndarray, scipy.sparse matrix, DataFrame or backed matrix
+            Expression, cells x genes. Sparse input stays sparse.
+        transform : {None, "log2p1", "log1p"} or callable
+            Applied to each chunk before the statistics are accumulated.
+        chunk_size : int
+            Cells per chunk; memory is bounded by ``chunk_size x n_genes``.
+        gene_names : sequence of str, optional
+            Gene names (default: DataFrame columns or ``gene0, gene1, ...``).
+        progress : callable, optional
+            Called with the number of cells processed after each chunk.
+        """
+        n, n_genes = check_orientation(endog, design.nobs)
+        names = gene_names_of(endog, n_genes, gene_names)
+        func, tname = resolve_transform(transform)
+        endog = prepare_endog(endog)
+        partial = empty_partial(design.k_fe, design.exog_re.shape[1], n_genes)
+        for start, stop, block in iter_chunks(endog, chunk_size, func, names):
+            accumulate(partial, design.exog[start:stop], design.exog_re[start:stop], block)
+            if progress is not None:
+                progress(stop - start)
+        return cls.from_partial(partial, design, names, tname)
+
+    @classmethod
+    def from_partial(cls, partial: dict[str, np.ndarray], design: Design,
+                     gene_names: list[str], transform: str | None) -> SufficientStats:
+        """Assemble statistics from accumulated per-gene sums and the design."""
+        X, Z = design.exog, design.exog_re
+        return cls(
+            XX=X.T @ X,
+            ZX=np.asarray(Z.T @ X),
+            ZZ=np.asarray((Z.T @ Z).toarray()),
+            n=design.nobs,
+            XY=partial["XY"],
+            ZY=partial["ZY"],
+            yy=partial["yy"],
+            exog_names=list(design.exog_names),
+            components=design.components,
+            gene_names=list(gene_names),
+            transform=transform,
+            info=dict(design.info),
+        )
+
+    # ------------------------------------------------------------- algebra
+    def check_compatible(self, other: SufficientStats) -> None:
+        """Raise StatsError unless ``other`` has the same design and genes."""
+        if not isinstance(other, SufficientStats):
+            raise StatsError(f"cannot combine SufficientStats with {type(other).__name__}.")
+        checks = [
+            (self.exog_names == other.exog_names, "fixed-effect terms", self.exog_names, other.exog_names),
+            (_component_key(self.components) == _component_key(other.components),
+             "random components or their levels", [c.name for c in self.components],
+             [c.name for c in other.components]),
+            (self.gene_names == other.gene_names, "genes", self.n_genes, other.n_genes),
+            (self.transform == other.transform, "transform", self.transform, other.transform),
+        ]
+        for ok, what, a, b in checks:
+            if not ok:
+                raise StatsError(
+                    f"cannot merge statistics computed with different {what} "
+                    f"({_short(a)} vs {_short(b)}); compute both with the same design, "
+                    "levels and genes."
+                )
+
+    def __add__(self, other: SufficientStats) -> SufficientStats:
+        """Statistics of the union of two disjoint sets of cells."""
+        self.check_compatible(other)
+        return SufficientStats(
+            XX=self.XX + other.XX,
+            ZX=self.ZX + other.ZX,
+            ZZ=self.ZZ + other.ZZ,
+            n=self.n + other.n,
+            XY=self.XY + other.XY,
+            ZY=self.ZY + other.ZY,
+            yy=self.yy + other.yy,
+            exog_names=list(self.exog_names),
+            components=self.components,
+            gene_names=list(self.gene_names),
+            transform=self.transform,
+            info=dict(self.info),
+        )
+
+    def subset_genes(self, genes: Sequence[int] | Sequence[str] | np.ndarray) -> SufficientStats:
+        """Statistics of a subset of genes (positions, names or boolean mask)."""
+        idx = self._gene_positions(genes)
+        return SufficientStats(
+            self.XX, self.ZX, self.ZZ, self.n, self.XY[:, idx], self.ZY[:, idx],
+            self.yy[idx], list(self.exog_names), self.components,
+            [self.gene_names[i] for i in idx], self.transform, dict(self.info),
+        )
+
+    def _gene_positions(self, genes: Any) -> np.ndarray:
+        arr = np.asarray(genes)
+        if arr.dtype == bool:
+            return np.flatnonzero(arr)
+        if arr.dtype.kind in "iu":
+            return arr.astype(np.int64)
+        lookup = {g: i for i, g in enumerate(self.gene_names)}
+        missing = [g for g in arr if g not in lookup]
+        if missing:
+            raise KeyError(f"genes not found: {missing[:5]}")
+        return np.array([lookup[g] for g in arr], dtype=np.int64)
+
+    # ----------------------------------------------------------------- I/O
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics to an ``.npz`` file (no pickled objects)."""
+        meta = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "flashmm_version": __version__,
+            "n": int(self.n),
+            "exog_names": self.exog_names,
+            "components": [_component_to_json(c) for c in self.components],
+            "transform": self.transform,
+            "info": _jsonable(self.info),
+        }
+        arrays = {k: getattr(self, k) for k in _SHARED + _PER_GENE}
+        np.savez(
+            path,
+            meta=np.array(json.dumps(meta)),
+            gene_names=np.array(self.gene_names, dtype=str),
+            **arrays,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SufficientStats:
+        """Read statistics written by :meth:`save`; other files are refused."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                contents = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as err:
+            raise StatsError(f"{os.fspath(path)!r} is not a readable .npz file: {err}") from None
+        if "meta" not in contents:
+            raise StatsError(f"{os.fspath(path)!r} is not a flashmm statistics file (no metadata).")
+        try:
+            meta = json.loads(str(contents["meta"]))
+        except json.JSONDecodeError:
+            raise StatsError(f"{os.fspath(path)!r} has unreadable flashmm metadata.") from None
+        if meta.get("format") != FILE_FORMAT:
+            raise StatsError(f"{os.fspath(path)!r} is not a flashmm statistics file.")
+        if meta.get("version") != FILE_VERSION:
+            raise StatsError(
+                f"{os.fspath(path)!r} was written in statistics format version "
+                f"{meta.get('version')} (by flashmm {meta.get('flashmm_version')}); this "
+                f"flashmm reads version {FILE_VERSION}. Recompute the statistics."
+            )
+        missing = [k for k in _SHARED + _PER_GENE + ("gene_names",) if k not in contents]
+        if missing:
+            raise StatsError(f"{os.fspath(path)!r} lacks arrays {missing}.")
+        return cls(
+            XX=contents["XX"], ZX=contents["ZX"], ZZ=contents["ZZ"], n=int(meta["n"]),
+            XY=contents["XY"], ZY=contents["ZY"], yy=contents["yy"],
+            exog_names=list(meta["exog_names"]),
+            components=tuple(_component_from_json(c) for c in meta["components"]),
+            gene_names=[str(g) for g in contents["gene_names"]],
+            transform=meta["transform"], info=dict(meta.get("info") or {}),
+        )
+
+    def __repr__(self) -> str:
+        comps = ", ".join(f"{c.name}({c.size})" for c in self.components)
+        return (
+            f"SufficientStats(n={self.n}, genes={self.n_genes}, terms={self.k_fe}, "
+            f"components=[{comps}], transform={self.transform!r})"
+        )
+
+
+def empty_partial(p: int, q: int, n_genes: int) -> dict[str, np.ndarray]:
+    """Zeroed per-gene accumulators."""
+    return {"XY": np.zeros((p, n_genes)), "ZY": np.zeros((q, n_genes)), "yy": np.zeros(n_genes)}
+
+
+def accumulate(partial: dict[str, np.ndarray], X: np.ndarray, Z: sp.csr_matrix,
+               block: np.ndarray | sp.csr_matrix) -> None:
+    """Add one chunk's ``X'Y``, ``Z'Y`` and ``sum y^2`` to ``partial`` in place."""
+    if sp.issparse(block):
+        partial["XY"] += np.asarray(block.T @ X).T
+        partial["ZY"] += (Z.T @ block).toarray()
+        partial["yy"] += np.bincount(block.indices, weights=block.data * block.data,
+                                     minlength=block.shape[1])
+    else:
+        partial["XY"] += X.T @ block
+        partial["ZY"] += np.asarray(Z.T @ block)
+        partial["yy"] += np.einsum("ij,ij->j", block, block)
+
+
+def _component_key(components: Sequence[RandomComponent]) -> list[tuple[str, tuple[str, ...]]]:
+    return [(c.name, c.levels) for c in components]
+
+
+def _component_to_json(c: RandomComponent) -> dict[str, Any]:
+    return {"name": c.name, "levels": list(c.levels),
+            "groups": list(c.groups) if c.groups is not None else None,
+            "columns": list(c.columns) if c.columns is not None else None}
+
+
+def _component_from_json(d: dict[str, Any]) -> RandomComponent:
+    return RandomComponent(
+        d["name"], tuple(d["levels"]),
+        tuple(d["groups"]) if d.get("groups") is not None else None,
+        tuple(d["columns"]) if d.get("columns") is not None else None,
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    """Keep only JSON-serialisable provenance."""
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return {k: _jsonable(v) if isinstance(v, dict) else str(v) for k, v in dict(obj).items()}
+
+
+def _short(x: Any) -> str:
+    s = str(x)
+    return s if len(s) < 80 else s[:77] + "..."
