@@ -1,0 +1,72 @@
+"""Shared fixtures: reference data locations and small simulated studies."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = HERE / "reference"
+SHARED = HERE.parent.parent / "shared"
+
+
+def r_to_patsy(name: str) -> str:
+    """Map an R model.matrix column name of the lme4 study to patsy's name."""
+    name = name.replace("log(libsize)", "np.log(libsize)")
+    name = re.sub(r"cls(c\d)", r"cls[\1]", name)
+    return name.replace("trtB", "trt[T.B]")
+
+
+@pytest.fixture(scope="session")
+def lme4_cells() -> pd.DataFrame:
+    return pd.read_csv(REFERENCE / "lme4_sim" / "cells.csv")
+
+
+def lme4_ref(model: str, method: str, what: str) -> pd.DataFrame:
+    return pd.read_csv(REFERENCE / "lme4_sim" / f"lme4_{model}_{method}_{what}.csv", index_col=0)
+
+
+@pytest.fixture(scope="session")
+def shared_flashmm_sim() -> Path:
+    path = SHARED / "reference" / "flashmm-sim"
+    if not path.is_dir():
+        pytest.skip("../shared/reference/flashmm-sim is not available")
+    return path
+
+
+def simulate_study(n_genes: int = 60, n_groups: int = 20, cells_per_group: tuple[int, int] = (60, 140),
+                   seed: int = 0, n_loc: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cells nested in groups, a cell-level covariate, a group-level treatment.
+
+    Returns (cells data frame, expression frame cells x genes). Gene variances
+    vary, a quarter of genes have no group effect (boundary cases).
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(*cells_per_group, size=n_groups)
+    grp = np.repeat(np.arange(n_groups), sizes)
+    n = grp.size
+    data = pd.DataFrame({
+        "grp": [f"G{g:02d}" for g in grp],
+        "trt": np.where(grp % 2 == 0, "A", "B"),
+        "x": rng.normal(size=n),
+        "ct": rng.choice(["a", "b", "c"], size=n),
+    })
+    if n_loc:
+        data["loc"] = [f"L{v}" for v in rng.integers(0, n_loc, size=n)]
+    sd_group = np.sqrt(rng.uniform(0.02, 0.5, size=n_genes))
+    sd_group[::4] = 0.0
+    eff = rng.normal(size=(n_groups, n_genes)) * sd_group
+    Y = (0.5 * data["x"].to_numpy()[:, None] * rng.normal(size=n_genes)
+         + (data["trt"] == "B").to_numpy()[:, None] * rng.normal(scale=0.3, size=n_genes)
+         + eff[grp] + rng.normal(size=(n, n_genes)) * np.sqrt(rng.uniform(0.5, 2.0, size=n_genes)))
+    if n_loc:
+        sd_loc = np.sqrt(rng.uniform(0.0, 0.3, size=n_genes))
+        sd_loc[1::3] = 0.0
+        codes = data["loc"].str[1:].astype(int).to_numpy()
+        Y += (rng.normal(size=(n_loc, n_genes)) * sd_loc)[codes]
+    genes = [f"gene{j:03d}" for j in range(n_genes)]
+    return data, pd.DataFrame(Y, columns=genes)
