@@ -44,61 +44,51 @@ class DenseCriterion:
     def subset(self, idx: np.ndarray) -> DenseCriterion:
         return DenseCriterion(self.ZRZ, self.r[idx], self.yRy[idx], self.det_mat, self.E, self.m)
 
-    def _chol(self, mat: np.ndarray, d: np.ndarray) -> np.ndarray:
+    def _logdet(self, mat: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """``log|I + D mat D|`` per gene (Cholesky of an SPD matrix)."""
         q = mat.shape[0]
         M = d[:, :, None] * mat[None] * d[:, None, :]
         M[:, np.arange(q), np.arange(q)] += 1.0
-        return np.linalg.cholesky(M)
+        L = np.linalg.cholesky(M)
+        return 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
+
+    def _solve(self, mat: np.ndarray, gd: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """Solve ``(I + mat G) x = rhs`` for every gene (one LU each)."""
+        q = mat.shape[0]
+        A = mat[None] * gd[:, None, :]
+        A[:, np.arange(q), np.arange(q)] += 1.0
+        return np.linalg.solve(A, rhs)
 
     def value(self, g: np.ndarray) -> np.ndarray:
         """Criterion at ratios ``g`` (G, k)."""
-        d = np.sqrt(g @ self.E.T)
-        L = self._chol(self.ZRZ, d)
-        S = self._quad(L, d)
-        logdet = self._logdet(L) if self.det_mat is self.ZRZ else self._logdet(self._chol(self.det_mat, d))
+        gd = g @ self.E.T
+        a = self._solve(self.ZRZ, gd, self.r[:, :, None])[:, :, 0]
+        S = self.yRy - np.sum(gd * self.r * a, axis=1)
+        logdet = self._logdet(self.det_mat, np.sqrt(gd))
         return self.m * np.log(np.maximum(S, np.finfo(float).tiny)) + logdet
-
-    def _quad(self, L: np.ndarray, d: np.ndarray) -> np.ndarray:
-        z = _tri_solve(L, d * self.r)
-        return self.yRy - np.sum(z * z, axis=1)
-
-    @staticmethod
-    def _logdet(L: np.ndarray) -> np.ndarray:
-        return 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
 
     def derivatives(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``f``, gradient (G, k) and Hessian (G, k, k) at ``g``."""
-        d = np.sqrt(g @ self.E.T)
-        L = self._chol(self.ZRZ, d)
-        dr = d * self.r
-        sol = _chol_solve(L, dr[:, :, None])[:, :, 0]
-        S = np.maximum(self.yRy - np.sum(dr * sol, axis=1), np.finfo(float).tiny)
-        a = self.r - (d * sol) @ self.ZRZ
+        gd = g @ self.E.T
+        G, q = gd.shape
+        rhs = np.concatenate([self.r[:, :, None], np.broadcast_to(self.ZRZ, (G, q, q))], axis=2)
+        sol = self._solve(self.ZRZ, gd, rhs)
+        a, Br = sol[:, :, 0], sol[:, :, 1:]              # (I + ZRZ G)^-1 r, ZRZ (I + G ZRZ)^-1
+        Br = 0.5 * (Br + np.swapaxes(Br, 1, 2))
+        S = np.maximum(self.yRy - np.sum(gd * self.r * a, axis=1), np.finfo(float).tiny)
         if self.det_mat is self.ZRZ:
-            Ld, mat = L, self.ZRZ
+            B = Br
         else:
-            Ld, mat = self._chol(self.det_mat, d), self.det_mat
-        DM = d[:, :, None] * mat[None]                     # D mat
-        B = mat[None] - np.swapaxes(DM, 1, 2) @ _chol_solve(Ld, DM)
+            B = self._solve(self.det_mat, gd, np.broadcast_to(self.det_mat, (G, q, q)))
+            B = 0.5 * (B + np.swapaxes(B, 1, 2))
         a2 = (a * a) @ self.E                              # ||a_i||^2
-        f = self.m * np.log(S) + self._logdet(Ld)
+        f = self.m * np.log(S) + self._logdet(self.det_mat, np.sqrt(gd))
         grad = -self.m * a2 / S[:, None] + np.diagonal(B, axis1=1, axis2=2) @ self.E
-        aBa = self.E.T @ (a[:, :, None] * B * a[:, None, :]) @ self.E
+        aBa = self.E.T @ (a[:, :, None] * Br * a[:, None, :]) @ self.E
         BB = self.E.T @ (B * B) @ self.E
         hess = (self.m * (2.0 * aBa / S[:, None, None]
                           - a2[:, :, None] * a2[:, None, :] / (S * S)[:, None, None]) - BB)
         return f, grad, hess
-
-
-def _tri_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve L z = b for stacked lower-triangular L (G, q, q) and b (G, q)."""
-    return np.linalg.solve(L, b[:, :, None])[:, :, 0]
-
-
-def _chol_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve (L L') x = b for stacked Cholesky factors."""
-    y = np.linalg.solve(L, b)
-    return np.linalg.solve(np.swapaxes(L, 1, 2), y)
 
 
 def fit_ratios_dense(

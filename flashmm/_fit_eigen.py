@@ -142,15 +142,21 @@ def fit_ratio_eigen(crit: EigenCriterion, tol: float = 1e-10, maxiter: int = 100
 
 
 def _grid_argmin(crit: EigenCriterion, max_entries: int = 4_000_000) -> np.ndarray:
-    """Index of the best grid value of ``log g`` per gene (genes in blocks)."""
-    G = crit.yRy.shape[0]
+    """Index of the best grid value of ``log g`` per gene.
+
+    The grid is shared by all genes, so ``S`` on the grid is one
+    (G x q) @ (q x K) product and the determinant term one K-vector.
+    """
     grid_g = np.exp(_LOG_G_GRID)
-    block = max(1, max_entries // (grid_g.size * max(1, crit.lam.size)))
+    frac = grid_g[:, None] / (1.0 + grid_g[:, None] * crit.lam)           # K x q
+    logdet = np.sum(np.log1p(grid_g[:, None] * crit.det_eigs), axis=1)     # K
+    G = crit.yRy.shape[0]
     best = np.empty(G, dtype=np.int64)
+    block = max(1, max_entries // grid_g.size)
     for start in range(0, G, block):
-        idx = np.arange(start, min(G, start + block))
-        values = _subset(crit, idx).value(np.broadcast_to(grid_g, (idx.size, grid_g.size)))
-        best[idx] = np.argmin(values, axis=1)
+        sl = slice(start, min(G, start + block))
+        S = np.maximum(crit.yRy[sl, None] - crit.w2[sl] @ frac.T, np.finfo(float).tiny)
+        best[sl] = np.argmin(crit.m * np.log(S) + logdet, axis=1)
     return best
 
 

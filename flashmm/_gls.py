@@ -66,7 +66,7 @@ def _gls_eigen(stats: SufficientStats, g: np.ndarray) -> GLSEstimates:
     condvar = np.empty((G, q))
     for idx in _gene_blocks(G, p * q + p * p):
         t = g[idx, None] / (1.0 + g[idx, None] * mu)                      # G x q
-        XHX = stats.XX[None] - np.einsum("qa,gq,qb->gab", C, t, C, optimize=True)
+        XHX = stats.XX[None] - C.T[None] @ (t[:, :, None] * C[None])
         XHy = stats.XY[:, idx].T - (t * V[idx]) @ C
         b[idx], cov[idx] = _solve_fixed(XHX, XHy)
         blup[idx] = (t * (V[idx] - b[idx] @ C.T)) @ Q.T
