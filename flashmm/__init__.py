@@ -32,3 +32,12 @@ __all__ = [
     "StatsError",
     "ConvergenceWarning",
 ]
+
+from . import datasets  # noqa: E402
+from .io import get_results_df, write_results  # noqa: E402
+
+__all__ += ["write_results", "get_results_df", "datasets"]
+
+from .limma import DuplicateCorrelation, LimmaFit, duplicate_correlation, e_bayes, lm_fit  # noqa: E402
+
+__all__ += ["lm_fit", "duplicate_correlation", "e_bayes", "LimmaFit", "DuplicateCorrelation"]

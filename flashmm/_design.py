@@ -8,6 +8,8 @@ expression matrix.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,12 +38,21 @@ class RandomComponent:
     columns : tuple of str or None
         For nested components: the column label within its group (statsmodels'
         ``random_effects`` index).
+    cov_levels : tuple of str or None
+        With a known covariance ``K = L L'`` among the groups (``group_cov``):
+        the original group labels; ``levels`` are then the eigen-directions.
+    cov_factor : ndarray or None
+        The factor ``L`` (len(cov_levels) x size), so that ``u = L v``.
     """
 
     name: str
     levels: tuple[str, ...]
     groups: tuple[str, ...] | None = None
     columns: tuple[str, ...] | None = None
+    # known covariance among the original levels (see flashmm.kinship): the
+    # columns of Z are then eigen-directions, u = cov_factor @ v on cov_levels
+    cov_levels: tuple[str, ...] | None = None
+    cov_factor: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -183,7 +194,7 @@ def _nest(block: sp.csr_matrix, names: list[str], group_codes: np.ndarray,
     )
     grp = [group_levels[k // d] for k in used]
     col = [names[k % d] for k in used]
-    levels = [f"{g}:{c}" for g, c in zip(grp, col)]
+    levels = [f"{g}:{c}" for g, c in zip(grp, col, strict=True)]
     return nested, levels, grp, col
 
 
@@ -192,7 +203,7 @@ def _drop_empty_columns(block: sp.csr_matrix, names: list[str]) -> tuple[sp.csr_
     nnz = np.asarray(abs(block).sum(axis=0)).ravel() > 0
     if nnz.all():
         return block, names
-    return block[:, np.flatnonzero(nnz)].tocsr(), [nm for nm, k in zip(names, nnz) if k]
+    return block[:, np.flatnonzero(nnz)].tocsr(), [nm for nm, k in zip(names, nnz, strict=True) if k]
 
 
 def build_design(
@@ -202,6 +213,10 @@ def build_design(
     exog_vc: Mapping[str, Any] | None = None,
     group_name: str | None = None,
     exog_names: Sequence[str] | None = None,
+    exog_re: Any = None,
+    independent_re: bool = False,
+    exog_re_names: Sequence[str] | None = None,
+    group_cov: Any = None,
 ) -> Design:
     """Assemble a :class:`Design` from arrays, following statsmodels' rules.
 
@@ -222,23 +237,53 @@ def build_design(
         Name of the group intercept component (default ``"Group"``).
     exog_names : sequence of str, optional
         Names of the fixed-effect terms when ``exog`` is not a DataFrame.
+    exog_re : array_like or DataFrame, shape (n, r), optional
+        Correlated random effects per group (statsmodels' ``exog_re``): an
+        unstructured r x r covariance, or diagonal with ``independent_re=True``
+        (see :mod:`flashmm._slopes`). Needs ``groups``; ``exog_vc`` components
+        are then nested within groups alongside.
+    group_cov : DataFrame or array_like, optional
+        Known covariance (kinship) among the levels of ``groups``: the group
+        intercepts are ``u ~ N(0, s_g K)`` (see :mod:`flashmm.kinship`).
     """
     X, names = _exog_matrix(exog, n, exog_names)
+    if group_cov is not None and (groups is None or exog_vc or exog_re is not None):
+        raise DesignError(
+            "group_cov (a known covariance among the groups) needs groups and is "
+            "supported for a model with the group random intercept only (no exog_vc, "
+            "vc_formula or exog_re)."
+        )
     blocks: list[sp.csr_matrix] = []
     comps: list[RandomComponent] = []
     gname = group_name or "Group"
     group_codes = group_levels = None
+    if exog_re is not None and groups is None:
+        raise DesignError("exog_re (random effects per group) needs groups.")
     if groups is not None:
         labels = _as_labels(groups, "groups", n)
         group_codes, group_levels = _codes(labels)
-        if not exog_vc:
+        if exog_re is not None:  # random slopes: see _slopes.py
+            from ._slopes import random_slopes_block
+
+            re_block, re_comp, re_meta = random_slopes_block(
+                exog_re, group_codes, group_levels, gname, n, independent_re,
+                None if exog_re_names is None else list(exog_re_names))
+            blocks.append(re_block)
+            comps.append(re_comp)
+        elif not exog_vc:
             if len(group_levels) < 2:
                 raise DesignError(
                     f"groups has a single level ({group_levels[0]!r}); a random "
                     "intercept needs at least two groups."
                 )
-            blocks.append(_indicator(group_codes, len(group_levels)))
-            comps.append(RandomComponent(gname, tuple(group_levels)))
+            block, comp = _indicator(group_codes, len(group_levels)), RandomComponent(
+                gname, tuple(group_levels))
+            if group_cov is not None:
+                from ._kinship import apply_group_cov
+
+                block, comp = apply_group_cov(block, comp, group_cov)
+            blocks.append(block)
+            comps.append(comp)
     for vc_name, block in (exog_vc or {}).items():
         mat, cols = _block_columns(block, f"exog_vc[{vc_name!r}]", n)
         if group_codes is not None:
@@ -260,7 +305,10 @@ def build_design(
             "or exog_vc (variance components)."
         )
     Z = sp.hstack(blocks, format="csr", dtype=np.float64)
-    return Design(X, names, Z, tuple(comps), gname if groups is not None else None)
+    design = Design(X, names, Z, tuple(comps), gname if groups is not None else None)
+    if exog_re is not None:
+        design.info["random_slopes"] = re_meta
+    return design
 
 
 def _exog_matrix(exog: Any, n: int, exog_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -290,8 +338,39 @@ def _exog_matrix(exog: Any, n: int, exog_names: Sequence[str] | None) -> tuple[n
             "exog contains NaN or inf in column(s) "
             f"{[names[j] for j in bad]}; remove those cells or use missing='drop'."
         )
+    X, names = drop_zero_columns(X, names)
     check_full_rank(X, names)
     return X, names
+
+
+def drop_zero_columns(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Drop all-zero fixed-effect columns with a warning.
+
+    They come from empty factor levels (a pandas categorical with unused
+    categories, or levels whose cells were dropped by ``missing='drop'``).
+    Their coefficient is not estimable and dropping them leaves every other
+    estimate unchanged, so flashmm drops them instead of failing as rank
+    deficient.  A design whose columns are all zero is an error.
+    """
+    if X.shape[1] == 0:
+        return X, names
+    zero = ~np.any(X != 0, axis=0)
+    if not zero.any():
+        return X, names
+    dropped = [names[j] for j in np.flatnonzero(zero)]
+    if zero.all():
+        raise DesignError(
+            f"every fixed-effect column {dropped} is all zero; the fixed design is empty. "
+            "Check the formula and the data."
+        )
+    warnings.warn(
+        f"dropped {len(dropped)} all-zero fixed-effect column(s) {dropped} (empty factor "
+        "levels?); their coefficients are not estimable.",
+        UserWarning,
+        stacklevel=4,
+    )
+    keep = np.flatnonzero(~zero)
+    return X[:, keep], [names[j] for j in keep]
 
 
 def check_full_rank(X: np.ndarray, names: Sequence[str]) -> None:
@@ -328,12 +407,17 @@ def build_formula_design(
     groups: Any = None,
     vc_formula: Mapping[str, str] | None = None,
     re_formula: str | None = None,
+    independent_re: bool = False,
+    group_cov: Any = None,
 ) -> Design:
     """Build a :class:`Design` from patsy formulas, with statsmodels' semantics.
 
     Term names are those statsmodels' ``MixedLM.from_formula`` gives for the
     same formula. ``re_formula="1"`` adds a random intercept for ``groups``
-    alongside variance components (statsmodels' rule).
+    alongside variance components (statsmodels' rule); any other
+    ``re_formula`` (e.g. ``"~ 1 + x"``) gives correlated random effects per
+    group (``exog_re``, named as statsmodels: ``Intercept`` becomes the group
+    name), independent ones with ``independent_re=True``.
     """
     import patsy
 
@@ -351,19 +435,21 @@ def build_formula_design(
         group_name = groups
         groups = data[groups].to_numpy()
     exog_vc: dict[str, Any] = {}
+    exog_re = None
     if re_formula is not None:
-        if re_formula.strip().lstrip("~").strip() != "1":
-            raise DesignError(
-                "only re_formula='1' (a random group intercept) is supported here; "
-                "random slopes need exog_re."
-            )
         if groups is None:
             raise DesignError("re_formula needs groups.")
-        exog_vc[group_name or "Group"] = np.zeros(len(data), dtype=np.int64)
+        if re_formula.strip().lstrip("~").strip() != "1":  # random slopes: see _slopes.py
+            exog_re = _patsy_matrix(patsy, re_formula, data, "re_formula")
+            exog_re.columns = [str(c).replace("Intercept", group_name or "Group")
+                               for c in exog_re.columns]
+        else:
+            exog_vc[group_name or "Group"] = np.zeros(len(data), dtype=np.int64)
     for name, vcf in (vc_formula or {}).items():
         exog_vc[name] = _patsy_matrix(patsy, vcf, data, f"vc_formula[{name!r}]")
     design = build_design(
-        X, len(data), groups=groups, exog_vc=exog_vc or None, group_name=group_name
+        X, len(data), groups=groups, exog_vc=exog_vc or None, group_name=group_name,
+        exog_re=exog_re, independent_re=independent_re, group_cov=group_cov,
     )
     design.info.update(
         formula=formula,
@@ -372,6 +458,120 @@ def build_formula_design(
         re_formula=re_formula,
     )
     return design
+
+
+MISSING_OPTIONS = ("none", "drop")
+
+
+def check_missing_option(missing: Any) -> str:
+    """Validate the ``missing`` argument."""
+    if missing not in MISSING_OPTIONS:
+        raise DesignError(f"missing must be one of {MISSING_OPTIONS}, got {missing!r}.")
+    return missing
+
+
+def _bad_labels(values: Any, what: str, n: int) -> np.ndarray:
+    """Cells whose label is missing (NaN, None or inf), after a length check."""
+    arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else np.asarray(values)
+    if arr.ndim != 1:
+        raise DesignError(f"{what} must be one-dimensional labels, got shape {arr.shape}.")
+    if len(arr) != n:
+        raise DesignError(
+            f"{what} has {len(arr)} entries but there are {n} cells; "
+            "give one label per cell (row of endog)."
+        )
+    if arr.dtype.kind in "fc":
+        return ~np.isfinite(arr)
+    if arr.dtype.kind == "O":
+        bad = np.asarray(pd.isna(arr), dtype=bool)
+        floats = np.array([isinstance(v, float) and not np.isfinite(v) for v in arr], dtype=bool)
+        return bad | floats
+    return np.zeros(n, dtype=bool)
+
+
+def _bad_matrix_rows(mat: Any, what: str, n: int) -> np.ndarray:
+    """Cells whose row of a numeric matrix has NaN or inf, after a length check."""
+    if isinstance(mat, (pd.DataFrame, pd.Series)):
+        mat = mat.to_numpy(dtype=np.float64)
+    if sp.issparse(mat):
+        csr = sp.csr_matrix(mat)
+        if csr.shape[0] != n:
+            raise DesignError(f"{what} has {csr.shape[0]} rows but there are {n} cells; "
+                              "give one row per cell.")
+        rows = np.repeat(np.arange(n), np.diff(csr.indptr))
+        bad = np.zeros(n, dtype=bool)
+        bad[rows[~np.isfinite(csr.data)]] = True
+        return bad
+    arr = np.asarray(mat, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.shape[0] != n:
+        raise DesignError(f"{what} has {arr.shape[0]} rows but there are {n} cells; "
+                          "give one row per cell.")
+    return ~np.all(np.isfinite(arr), axis=1)
+
+
+def take_rows(obj: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` (positions) of an array, sparse matrix, DataFrame or Series."""
+    if isinstance(obj, (pd.DataFrame, pd.Series)):
+        return obj.iloc[rows]
+    if sp.issparse(obj):
+        return sp.csr_matrix(obj)[rows]
+    if isinstance(obj, (list, tuple)):
+        obj = np.asarray(obj)
+    return obj[rows]
+
+
+def missing_design_cells(exog: Any, n: int, groups: Any = None,
+                         exog_vc: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Cells with NaN or inf in ``exog``, ``groups`` or any ``exog_vc`` block."""
+    bad = _bad_matrix_rows(exog, "exog", n)
+    if groups is not None:
+        bad |= _bad_labels(groups, "groups", n)
+    for name, block in (exog_vc or {}).items():
+        what = f"exog_vc[{name!r}]"
+        is_labels = (not sp.issparse(block) and not isinstance(block, pd.DataFrame)
+                     and np.asarray(block).ndim == 1)
+        bad |= _bad_labels(block, what, n) if is_labels else _bad_matrix_rows(block, what, n)
+    return bad
+
+
+def missing_formula_cells(
+    formula: str,
+    data: pd.DataFrame,
+    groups: Any = None,
+    vc_formula: Mapping[str, str] | None = None,
+) -> np.ndarray:
+    """Cells with NaN or inf in a variable of the formulas or in ``groups``.
+
+    Must be called directly by the user-facing constructor (like
+    :func:`build_formula_design`) so that patsy evaluates in the same namespace.
+    """
+    import patsy
+
+    if not isinstance(data, pd.DataFrame):
+        raise DesignError(f"data must be a pandas DataFrame of cells, got {type(data).__name__}.")
+    n = len(data)
+    frame = data.reset_index(drop=True)
+    bad = np.zeros(n, dtype=bool)
+    for what, f in [("formula", formula)] + [
+        (f"vc_formula[{k!r}]", v) for k, v in (vc_formula or {}).items()
+    ]:
+        mat = _patsy_matrix(patsy, f, frame, what, na_action="drop")
+        kept = np.zeros(n, dtype=bool)
+        kept[mat.index.to_numpy()] = True
+        kept[mat.index.to_numpy()[~np.all(np.isfinite(mat.to_numpy()), axis=1)]] = False
+        bad |= ~kept
+    if isinstance(groups, str):
+        if groups not in data.columns:
+            raise DesignError(
+                f"groups column {groups!r} is not in data; available columns: "
+                f"{list(data.columns)}."
+            )
+        bad |= _bad_labels(frame[groups], f"groups column {groups!r}", n)
+    elif groups is not None:
+        bad |= _bad_labels(groups, "groups", n)
+    return bad
 
 
 def _fixed_rhs(formula: str) -> str:
@@ -389,13 +589,20 @@ def _fixed_rhs(formula: str) -> str:
     return formula.strip()
 
 
-def _patsy_matrix(patsy: Any, formula: str, data: pd.DataFrame, what: str) -> pd.DataFrame:
+def _patsy_matrix(patsy: Any, formula: str, data: pd.DataFrame, what: str,
+                  na_action: str = "raise") -> pd.DataFrame:
     """Evaluate a one-sided patsy formula, turning patsy errors into clear ones."""
     rhs = _fixed_rhs(formula)
     try:
-        return patsy.dmatrix(rhs, data, return_type="dataframe", NA_action="raise", eval_env=2)
+        return patsy.dmatrix(rhs, data, return_type="dataframe", NA_action=na_action, eval_env=2)
     except patsy.PatsyError as err:
         msg = str(err).splitlines()[0]
+        unknown = re.search(r"NameError: name '([^']+)' is not defined", msg)
+        if unknown:
+            raise DesignError(
+                f"{what} {rhs!r} names {unknown.group(1)!r}, which is not a column of data; "
+                f"available columns: {list(data.columns)}."
+            ) from None
         if "missing values" in str(err) or "NaN" in str(err):
             raise DesignError(
                 f"{what} {rhs!r}: variables contain missing values; remove those cells "
@@ -407,3 +614,22 @@ def _patsy_matrix(patsy: Any, formula: str, data: pd.DataFrame, what: str) -> pd
             f"{what} {rhs!r} names a variable that is not a column of data ({err}); "
             f"available columns: {list(data.columns)}."
         ) from None
+
+
+def report_dropped(bad: np.ndarray) -> np.ndarray:
+    """Warn once about the cells dropped by ``missing='drop'``; return the kept positions."""
+    n, k = bad.size, int(np.sum(bad))
+    if k == n:
+        raise DesignError(
+            f"missing='drop' would drop all {n} cells (every cell has a NaN or inf in "
+            "endog, exog, groups or a formula variable); check the inputs."
+        )
+    if k:
+        warnings.warn(
+            f"missing='drop': dropped {k} of {n} cells with NaN or inf in endog, exog, "
+            f"groups, exog_vc or a formula variable; {n - k} cells remain "
+            "(see model.n_dropped).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return np.flatnonzero(~bad)

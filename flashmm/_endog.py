@@ -8,8 +8,9 @@ builds a dense cells x genes copy of a sparse input.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ __all__ = [
     "DEFAULT_CHUNK_CELLS",
 ]
 
-Transform = Union[None, str, Callable[[np.ndarray], np.ndarray]]
+Transform = None | str | Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_CHUNK_CELLS = 20_000
 
@@ -75,8 +76,14 @@ def endog_shape(endog: Any) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def gene_names_of(endog: Any, n_genes: int, names: Any = None) -> list[str]:
-    """Gene names: given, from DataFrame columns, or ``gene0, gene1, ...``."""
+def gene_names_of(endog: Any, n_genes: int, names: Any = None,
+                  make_unique: bool = False) -> list[str]:
+    """Gene names: given, from DataFrame columns, or ``gene0, gene1, ...``.
+
+    Duplicate names raise a DataError unless ``make_unique`` is true, in which
+    case they are renamed like anndata's ``var_names_make_unique``
+    (``"A", "A-1", "A-2"``) with a warning.
+    """
     if names is None and isinstance(endog, pd.DataFrame):
         names = endog.columns
     if names is None and isinstance(endog, pd.Series):
@@ -86,7 +93,51 @@ def gene_names_of(endog: Any, n_genes: int, names: Any = None) -> list[str]:
     names = [str(x) for x in names]
     if len(names) != n_genes:
         raise DataError(f"{len(names)} gene names given for {n_genes} genes.")
+    dup = pd.Index(names).duplicated()
+    if dup.any():
+        first = sorted({names[j] for j in np.flatnonzero(dup)})
+        if not make_unique:
+            raise DataError(
+                f"{int(dup.sum())} duplicate gene name(s), e.g. {first[:5]}; gene names must "
+                "be unique. Rename them, or pass make_unique=True to append '-1', '-2', ... "
+                "(as anndata's var_names_make_unique)."
+            )
+        names = make_names_unique(names)
+        warnings.warn(
+            f"{int(dup.sum())} duplicate gene name(s) (e.g. {first[:5]}) were made unique by "
+            "appending '-1', '-2', ...",
+            UserWarning,
+            stacklevel=3,
+        )
     return names
+
+
+def make_names_unique(names: list[str], join: str = "-") -> list[str]:
+    """Rename repeated names ``A, A, A`` to ``A, A-1, A-2`` (anndata's rule).
+
+    The first occurrence keeps its name; a generated name that already exists
+    is skipped (``A-1`` is not reused if a gene is called ``A-1``).
+    """
+    taken = set(names)
+    seen: set[str] = set()
+    counters: dict[str, int] = {}
+    out = []
+    for name in names:
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+            continue
+        k = counters.get(name, 0)
+        while True:
+            k += 1
+            cand = f"{name}{join}{k}"
+            if cand not in taken:
+                break
+        counters[name] = k
+        taken.add(cand)
+        seen.add(cand)
+        out.append(cand)
+    return out
 
 
 def check_orientation(endog: Any, n_cells: int) -> tuple[int, int]:
@@ -116,7 +167,7 @@ def _row_block(endog: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
         arr = block.to_numpy(dtype=np.float64)
         return arr[:, None] if arr.ndim == 1 else arr
     if sp.issparse(endog):
-        return sp.csr_matrix(endog[start:stop], dtype=np.float64)
+        return _csr_rows(endog, start, stop)
     block = endog[start:stop]
     if sp.issparse(block):
         return sp.csr_matrix(block, dtype=np.float64)
@@ -128,13 +179,64 @@ def _row_block(endog: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
     return arr[:, None] if arr.ndim == 1 else arr
 
 
+def _csr_rows(mat: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows [start, stop) of a canonical float64 CSR matrix, without copying."""
+    if mat.dtype != np.float64:
+        return sp.csr_matrix(mat[start:stop], dtype=np.float64)
+    ptr = mat.indptr[start:stop + 1]
+    lo, hi = int(ptr[0]), int(ptr[-1])
+    return sp.csr_matrix((mat.data[lo:hi], mat.indices[lo:hi], ptr - lo),
+                         shape=(stop - start, mat.shape[1]), copy=False)
+
+
 def prepare_endog(endog: Any) -> Any:
-    """Make row slicing efficient: CSC/COO inputs are converted to CSR once."""
+    """Make row slicing efficient: CSC/COO inputs are converted to CSR once.
+
+    Non-canonical CSR input (duplicate entries) is canonicalised on a copy, so
+    that sums of squares count each cell-gene value once.
+    """
     if sp.issparse(endog) and endog.format != "csr":
-        return sp.csr_matrix(endog)
+        endog = sp.csr_matrix(endog)
+        endog.sum_duplicates()
+        return endog
+    if sp.issparse(endog) and not endog.has_canonical_format:
+        endog = endog.copy()
+        endog.sum_duplicates()
+        return endog
     if isinstance(endog, (list, tuple)):
         return np.asarray(endog, dtype=np.float64)
     return endog
+
+
+def nonfinite_cells(endog: Any, chunk_size: int = DEFAULT_CHUNK_CELLS) -> np.ndarray:
+    """Cells (rows) with at least one NaN or inf value, in one chunked pass."""
+    endog = prepare_endog(endog)
+    n, _ = endog_shape(endog)
+    bad = np.zeros(n, dtype=bool)
+    for start in range(0, n, max(1, int(chunk_size))):
+        stop = min(n, start + chunk_size)
+        block = _row_block(endog, start, stop)
+        if sp.issparse(block):
+            rows = np.repeat(np.arange(stop - start), np.diff(block.indptr))
+            bad[start + rows[~np.isfinite(block.data)]] = True
+        else:
+            bad[start:stop] = ~np.all(np.isfinite(block), axis=1)
+    return bad
+
+
+def take_cells(endog: Any, rows: np.ndarray) -> Any:
+    """The cells ``rows`` (sorted positions) of an expression matrix of any kind."""
+    if isinstance(endog, (pd.DataFrame, pd.Series)):
+        return endog.iloc[rows]
+    endog = prepare_endog(endog)
+    if sp.issparse(endog):
+        return endog[rows]
+    if isinstance(endog, np.ndarray):
+        return endog[rows]
+    try:  # h5py-like backed matrices accept sorted integer indices
+        return endog[np.asarray(rows)]
+    except (TypeError, ValueError, IndexError):
+        return np.asarray(endog, dtype=np.float64)[rows]
 
 
 def iter_chunks(

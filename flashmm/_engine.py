@@ -8,10 +8,13 @@ pandas.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._errors import ConvergenceWarning
 from ._fit_dense import DenseCriterion, fit_ratios_dense
 from ._fit_eigen import EigenCriterion, fit_ratio_eigen
 from ._fit_scoring import ScoringProblem, fisher_scoring
@@ -39,6 +42,9 @@ class EngineFit:
     reml: bool
     method: str             # "eigen", "newton" or "flashmm-scoring"
     se_theta: np.ndarray | None = None  # FLASHMM's se(theta) (scoring only)
+    # (G,) variance of the single component where the fit is at h2 = 1 (ratio inf,
+    # residual variance 0): the limit of ratio * scale; NaN elsewhere
+    top_vcomp: np.ndarray | None = None
 
 
 def _degenerate_status(stats: SufficientStats, red: Reduced) -> np.ndarray:
@@ -61,7 +67,22 @@ def fit_variance_ratios(
     scoring_epsilon: float = 1e-5,
     scoring_maxiter: int = 50,
 ) -> EngineFit:
-    """Estimate the variance ratios of every gene; see the module docstring."""
+    """Estimate the variance ratios of every gene; see the module docstring.
+
+    Except for FLASHMM's scoring (whose stopping rule is on the absolute scale
+    and is reproduced as is), every gene is first rescaled by
+    ``c = sqrt(yy / n)`` so that the optimiser and the log-likelihood work at
+    unit scale whatever the units of ``y`` (1e-150 or 1e150): the ratios are
+    scale-free, the residual variance is multiplied back by ``c**2`` and the
+    log-likelihood shifted by ``-m log c`` (``m = n - p`` for REML, ``n`` for ML).
+
+    Genes that did not converge are reported with one aggregated
+    :class:`~flashmm.ConvergenceWarning`.
+    """
+    c = None if allow_negative_variance else _gene_scale(stats)
+    orig = stats
+    if c is not None:
+        stats = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
     red = reduce_stats(stats)
     status = _degenerate_status(stats, red)
     ok = np.flatnonzero(status == STATUS_OK)
@@ -97,8 +118,56 @@ def fit_variance_ratios(
         start = None if start_ratios is None else np.broadcast_to(start_ratios, (G, k))[ok]
         res = fit_ratios_dense(crit, start=start, tol=tol, maxiter=maxiter)
         ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
-    scale, llf = _scale_and_llf(stats, red, ratios, reml, ok)
-    return EngineFit(ratios, scale, llf, converged, n_iter, status.astype(str), reml, method, se_theta)
+    top = np.isinf(ratios[:, 0]) if k == 1 else np.zeros(G, dtype=bool)
+    scale, llf = _scale_and_llf(stats, red, np.where(top[:, None], 0.0, ratios), reml, ok)
+    top_vcomp = _top_limit_fit(stats, red, reml, top, scale, llf) if top.any() else None
+    if c is not None:
+        scale = scale * (c * c)
+        llf = llf - m * np.log(c)
+        top_vcomp = None if top_vcomp is None else top_vcomp * (c * c)
+    _warn_not_converged(converged[ok], orig.n_genes)
+    return EngineFit(ratios, scale, llf, converged, n_iter, status.astype(str), reml, method, se_theta,
+                     top_vcomp)
+
+
+def _top_limit_fit(stats: SufficientStats, red: Reduced, reml: bool, top: np.ndarray,
+                   scale: np.ndarray, llf: np.ndarray) -> np.ndarray:
+    """Fill residual variance 0 and the limit log-likelihood of the genes at ``h2 = 1``.
+
+    Returns the variance of the component there (``lim g S(g) / m``), NaN elsewhere.
+    """
+    idx = np.flatnonzero(top)
+    lam, U = symmetric_eigh(red.ZRZ)
+    w = U.T @ red.ZRy[:, idx]
+    w[lam == 0.0] = 0.0
+    m = red.n - red.p if reml else red.n
+    det = lam if reml else symmetric_eigh(stats.ZZ)[0]
+    f_top, cc = EigenCriterion(lam, (w * w).T, red.yRy[idx], det, m).top_limit()
+    scale[idx] = 0.0
+    llf[idx] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi / m)) + f_top
+                       + (red.logdet_XX if reml else 0.0))
+    out = np.full(stats.n_genes, np.nan)
+    out[idx] = cc / m
+    return out
+
+
+def _gene_scale(stats: SufficientStats) -> np.ndarray:
+    """Per-gene rescaling factor ``sqrt(yy / n)`` (1 where it is 0 or not finite)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        c = np.sqrt(stats.yy / max(int(stats.n), 1))
+    return np.where(np.isfinite(c) & (c > 0), c, 1.0)
+
+
+def _warn_not_converged(converged: np.ndarray, n_genes: int) -> None:
+    """One aggregated warning for all genes that did not converge."""
+    bad = int(np.sum(~converged))
+    if bad:
+        warnings.warn(
+            f"{bad} of {n_genes} genes did not converge; see results.converged "
+            "(try a larger maxiter).",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
 
 
 def quadratic_form(red: Reduced, gdiag: np.ndarray, genes: np.ndarray) -> np.ndarray:

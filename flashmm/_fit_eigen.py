@@ -8,7 +8,9 @@ variance ratio ``g = s_1 / s`` is a closed-form sum over the q eigenvalues:
 (``m = n - p`` and ``d = lam`` for REML, ``m = n`` and ``d = eig(ZZ)`` for ML;
 ``-f/2`` is the log-likelihood up to a constant).  It is minimised for all genes
 at once: a grid over ``log g`` finds the basin, a bracketed Newton iteration
-polishes it, and the boundary ``g = 0`` is compared explicitly.
+polishes it, and the boundaries ``g = 0`` and ``g = inf`` (heritability 1,
+residual variance 0; a finite limit only when ``Z`` spans everything ``X`` leaves,
+see :meth:`EigenCriterion.top_limit`) are compared explicitly, as lmmlite does.
 """
 
 from __future__ import annotations
@@ -76,6 +78,34 @@ class EigenCriterion:
         f2 = self.m * (S2 / S - (S1 / S) ** 2) + L2
         return f, f1, f2
 
+    def top_limit(self, rel_tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+        """Criterion and ``g S(g)`` in the limit ``g -> infinity`` (residual variance 0).
+
+        ``S(g) = S_inf + sum_j w_j^2 / (lam_j (1 + g lam_j))`` with
+        ``S_inf = yRy - sum_j w_j^2 / lam_j`` (the part of ``y`` outside the span of
+        ``Z`` after ``X``).  When ``S_inf = 0`` (``Z`` spans every direction left by
+        ``X``: one observation per individual and a full-rank kinship) and the
+        determinant has exactly ``m`` non-zero eigenvalues, ``f`` has the finite
+        limit ``m log c + sum log d_j`` with ``c = lim g S(g) = sum w_j^2 / lam_j^2``;
+        otherwise the limit is ``+inf`` (never the optimum) and returned as such.
+
+        Returns
+        -------
+        f_top : ndarray (G,)
+            Limit of the criterion (``inf`` where there is no finite limit).
+        c : ndarray (G,)
+            ``lim g S(g)``: ``m`` times the variance of the component at ``h2 = 1``.
+        """
+        pos = self.lam > 0
+        inv = 1.0 / self.lam[pos]
+        S_inf = self.yRy - self.w2[:, pos] @ inv
+        c = self.w2[:, pos] @ (inv * inv)
+        d = self.det_eigs[self.det_eigs > 0]
+        valid = (np.abs(S_inf) <= rel_tol * self.yRy) & (c > 0) & (d.size == self.m)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f_top = self.m * np.log(c) + np.sum(np.log(d))
+        return np.where(valid, f_top, np.inf), c
+
 
 @dataclass
 class RatioFit:
@@ -136,9 +166,16 @@ def fit_ratio_eigen(crit: EigenCriterion, tol: float = 1e-10, maxiter: int = 100
     at_zero = (f_zero <= f_int) | (t <= _LOG_G_GRID[0] + tol)
     g = np.where(at_zero, 0.0, g)
     converged = converged | at_zero
-    # a ratio running off to the top of the grid means the residual variance -> 0
+    f_best = np.where(at_zero, f_zero, f_int)
+    # a ratio running off to the top of the grid means the residual variance -> 0:
+    # a legitimate boundary fit (h2 = 1, g = inf) only where that limit is finite
+    # and at least as good as the interior; otherwise not converged
+    f_top, _ = crit.top_limit()
+    at_top = np.isfinite(f_top) & (f_top <= f_best)
     converged &= ~(t >= _LOG_G_GRID[-1] - tol)
-    return RatioFit(g[:, None], converged, n_iter, np.where(at_zero, f_zero, f_int))
+    g = np.where(at_top, np.inf, g)
+    converged |= at_top
+    return RatioFit(g[:, None], converged, n_iter, np.where(at_top, f_top, f_best))
 
 
 def _grid_argmin(crit: EigenCriterion, max_entries: int = 4_000_000) -> np.ndarray:

@@ -65,7 +65,7 @@ def _gls_eigen(stats: SufficientStats, g: np.ndarray) -> GLSEstimates:
     blup = np.empty((G, q))
     condvar = np.empty((G, q))
     for idx in _gene_blocks(G, p * q + p * p):
-        t = g[idx, None] / (1.0 + g[idx, None] * mu)                      # G x q
+        t = _eigen_t(g[idx], mu)                                          # G x q
         XHX = stats.XX[None] - C.T[None] @ (t[:, :, None] * C[None])
         XHy = stats.XY[:, idx].T - (t * V[idx]) @ C
         b[idx], cov[idx] = _solve_fixed(XHX, XHy)
@@ -73,6 +73,14 @@ def _gls_eigen(stats: SufficientStats, g: np.ndarray) -> GLSEstimates:
         condvar[idx] = t @ (Q * Q).T
     logdet = np.sum(np.log(np.abs(1.0 + g[:, None] * mu)), axis=1)
     return GLSEstimates(b, cov, blup, logdet, condvar)
+
+
+def _eigen_t(g: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """``g / (1 + g mu)`` per gene and eigenvalue, with its limit ``1 / mu`` at ``g = inf``."""
+    gi = np.where(np.isinf(g), 0.0, g)[:, None]
+    with np.errstate(divide="ignore"):
+        lim = np.where(mu > 0, 1.0 / np.where(mu > 0, mu, 1.0), np.inf)
+    return np.where(np.isinf(g)[:, None], lim[None, :], gi / (1.0 + gi * mu))
 
 
 def _gls_dense(stats: SufficientStats, gdiag: np.ndarray) -> GLSEstimates:

@@ -31,8 +31,9 @@ _DISPERSION_FLOOR = 1e-6
 #: stay cache friendly, large enough to amortise per-call overhead. The block
 #: layout depends on ``n_genes`` only, so results do not depend on machine.
 _BLOCK_ENTRIES = 2**18
-#: Entries with an NB mean above this are drawn with numpy's sampler; below
-#: it a (faster, exact) inverse-CDF search is used.
+#: Entries with an NB mean above this, or a long tail (mean * dispersion above
+#: it), are drawn with numpy's sampler; the others with a (faster, exact)
+#: inverse-CDF search, whose number of steps grows with the tail length.
 _DIRECT_NB_MIN_MEAN = 8.0
 #: Means are capped at exp(_LOG_MEAN_CAP) (~1e8) to avoid overflow.
 _LOG_MEAN_CAP = float(np.log(1e8))
@@ -262,10 +263,11 @@ def _rnbinom_block(
     Notes
     -----
     Most single-cell entries have a small mean and are zero. For entries with
-    ``mu <= _DIRECT_NB_MIN_MEAN`` a uniform ``u`` is compared with
+    ``mu <= 8`` and ``mu / size <= 8`` a uniform ``u`` is compared with
     ``P(X = 0)``; only the non-zero ones run a vectorised inverse-CDF search
     using the pmf recursion ``P(k) = P(k-1) (k - 1 + size) / k * q`` in double
-    precision. Larger means use :meth:`numpy.random.Generator.negative_binomial`.
+    precision. The other entries (large means, or long tails that would need
+    many search steps) use :meth:`numpy.random.Generator.negative_binomial`.
     This is about twice as fast as drawing everything with numpy.
     """
     n_genes = mu.shape[1]
@@ -275,6 +277,8 @@ def _rnbinom_block(
     counts = np.zeros(mu.size, dtype=np.int64)
 
     high = mu_flat > _DIRECT_NB_MIN_MEAN
+    # tail scale 1 / (1 - q) = 1 + mu * dispersion
+    high |= (mu * (1.0 / size32)).ravel() > _DIRECT_NB_MIN_MEAN
     if high.any():
         hi = np.flatnonzero(high)
         n_hi = size[hi % n_genes]
@@ -300,9 +304,10 @@ def _rnbinom_block(
     n_k -= 1.0
     value = np.ones(idx.size, dtype=np.int64)
     k = 0
-    # cdf reaches 1 - 1e-15 >> max(u) = 1 - 2**-24, so this terminates; the
-    # cap is only a safeguard against pathological inputs.
-    while idx.size and k < 1_000_000:
+    # The cdf reaches 1 - 1e-15 > max(u) = 1 - 2**-24, so this terminates,
+    # within a few hundred steps as mean and tail scale are at most 9 here;
+    # the cap is only a safeguard.
+    while idx.size and k < 10_000:
         k += 1
         n_k += 1.0
         p_k *= n_k
@@ -322,6 +327,59 @@ def _rnbinom_block(
             value = value[active]
     counts[idx] = value
     return counts
+
+
+class _CsrBuilder:
+    """Collect the non-zeros of consecutive row blocks into a CSR matrix.
+
+    Values and column indices go into large buffers (allocated lazily, big
+    enough to be memory-mapped by the allocator and hence returned to the
+    system when freed); :meth:`finish` copies them into the final arrays,
+    releasing each buffer right after, so that peak memory stays close to
+    the size of the result.
+    """
+
+    _CAPACITY = 2**23  # entries per buffer: 64 MiB values, 32 MiB indices
+
+    def __init__(self) -> None:
+        self._buffers: list[tuple[np.ndarray, np.ndarray, int]] = []
+        self._data = np.empty(0, dtype=np.float64)
+        self._cols = np.empty(0, dtype=np.int32)
+        self._used = 0
+
+    def _flush(self) -> None:
+        if self._used:
+            self._buffers.append((self._data, self._cols, self._used))
+
+    def add(self, values: np.ndarray, cols: np.ndarray) -> None:
+        n = values.size
+        if self._used + n > self._data.size:
+            self._flush()
+            capacity = max(self._CAPACITY, n)
+            self._data = np.empty(capacity, dtype=np.float64)
+            self._cols = np.empty(capacity, dtype=np.int32)
+            self._used = 0
+        self._data[self._used : self._used + n] = values
+        self._cols[self._used : self._used + n] = cols
+        self._used += n
+
+    def finish(self, row_nnz: np.ndarray, n_cols: int) -> sp.csr_matrix:
+        self._flush()
+        self._data = self._cols = np.empty(0)
+        nnz = int(row_nnz.sum())
+        index_dtype = np.int32 if nnz <= np.iinfo(np.int32).max else np.int64
+        indptr = np.zeros(row_nnz.size + 1, dtype=index_dtype)
+        np.cumsum(row_nnz, out=indptr[1:])
+        data = np.empty(nnz, dtype=np.float64)
+        indices = np.empty(nnz, dtype=index_dtype)
+        offset = 0
+        while self._buffers:
+            values, cols, used = self._buffers.pop(0)
+            data[offset : offset + used] = values[:used]
+            indices[offset : offset + used] = cols[:used]
+            offset += used
+            del values, cols
+        return sp.csr_matrix((data, indices, indptr), shape=(row_nnz.size, n_cols))
 
 
 # --------------------------------------------------------------------------
@@ -692,8 +750,7 @@ def simulate_rnaseq(
     has_de = n_de_genes > 0
 
     rows_per_block = max(1, _BLOCK_ENTRIES // n_genes)
-    data_parts: list[np.ndarray] = []
-    index_parts: list[np.ndarray] = []
+    builder = _CsrBuilder()
     row_nnz = np.zeros(n_cells, dtype=np.int64)
     libsize = np.zeros(n_cells, dtype=np.int64)
     for start in range(0, n_cells, rows_per_block):
@@ -710,23 +767,9 @@ def simulate_rnaseq(
         nz = np.flatnonzero(counts)
         row, col = np.divmod(nz, n_genes)
         row_nnz[start:stop] = np.bincount(row, minlength=stop - start)
-        data_parts.append(counts[nz].astype(np.float64))
-        index_parts.append(col.astype(np.int32))
+        builder.add(counts[nz], col)
 
-    nnz = int(row_nnz.sum())
-    index_dtype = np.int32 if nnz <= np.iinfo(np.int32).max else np.int64
-    indptr = np.zeros(n_cells + 1, dtype=index_dtype)
-    np.cumsum(row_nnz, out=indptr[1:])
-    data = np.empty(nnz, dtype=np.float64)
-    indices = np.empty(nnz, dtype=index_dtype)
-    offset = 0
-    # copy block by block, releasing the parts to keep peak memory low
-    while data_parts:
-        d = data_parts.pop(0)
-        indices[offset : offset + d.size] = index_parts.pop(0)
-        data[offset : offset + d.size] = d
-        offset += d.size
-    X = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+    X = builder.finish(row_nnz, n_genes)
 
     # ---------------------------------------------------------- assemble
     obs = pd.DataFrame(

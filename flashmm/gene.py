@@ -133,7 +133,7 @@ class GeneResults:
         gi = self._group_component()
         for i, comp in enumerate(self._parent.stats.components):
             values = tables[comp.name].iloc[self._pos].to_numpy()
-            for j, level in enumerate(comp.levels):
+            for j, level in enumerate(comp.levels if comp.cov_levels is None else comp.cov_levels):
                 if i == gi:
                     group, label = level, comp.name
                 elif comp.groups is not None:
@@ -203,4 +203,6 @@ def _n_groups(parent: MultiGeneMixedLMResults) -> int:
     groups = {g for c in comps if c.groups is not None for g in c.groups}
     if groups:
         return len(groups)
+    if len(comps) == 1 and comps[0].cov_levels is not None:
+        return len(comps[0].cov_levels)
     return comps[0].size if len(comps) == 1 else 1

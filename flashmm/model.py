@@ -12,8 +12,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._design import Design, build_design, build_formula_design
-from ._endog import DEFAULT_CHUNK_CELLS, Transform, check_orientation, endog_shape
+from ._design import (
+    Design,
+    build_design,
+    build_formula_design,
+    check_missing_option,
+    missing_design_cells,
+    missing_formula_cells,
+    report_dropped,
+    take_rows,
+)
+from ._endog import (
+    DEFAULT_CHUNK_CELLS,
+    Transform,
+    check_orientation,
+    endog_shape,
+    nonfinite_cells,
+    take_cells,
+)
 from ._engine import fit_variance_ratios
 from ._errors import DesignError
 from .results import MultiGeneMixedLMResults
@@ -46,6 +62,14 @@ class MultiGeneMixedLM:
     exog_vc : dict, optional
         Variance components: name -> labels (one random intercept per level)
         or an n_cells x d block (d effects sharing one variance).
+    exog_re : array_like or DataFrame, shape (n_cells, r), optional
+        Correlated random effects per group, statsmodels' ``exog_re`` (a column
+        of ones is the random intercept): an unstructured r x r covariance per
+        gene, alongside any ``exog_vc`` components. Needs ``groups``. See
+        ``docs/random_slopes.rst``.
+    independent_re : bool
+        With ``exog_re``: independent random effects (diagonal covariance, as
+        statsmodels' ``free`` argument or lme4's ``(1 + x || g)``).
     transform : {None, "log2p1", "log1p"} or callable, optional
         Applied to the responses chunk by chunk (``"log2p1"`` is FLASHMM's
         ``is.counts``).
@@ -53,6 +77,21 @@ class MultiGeneMixedLM:
         Names when the inputs are not labelled.
     chunk_size : int
         Cells per chunk in the pass over ``endog``.
+    missing : {"none", "drop"}
+        ``"none"`` (default): NaN or inf in any input raises a clear error.
+        ``"drop"``: drop every cell with NaN or inf in ``exog``, ``groups``,
+        an ``exog_vc`` block or any gene of ``endog`` (as statsmodels'
+        ``missing="drop"``); one warning reports how many, stored in
+        ``model.n_dropped`` and ``model.stats.info["n_dropped"]``.
+    make_unique : bool
+        Duplicate gene names raise a :class:`~flashmm.DataError` by default;
+        ``make_unique=True`` renames them like anndata's
+        ``var_names_make_unique`` (``"A", "A-1", "A-2"``) with a warning.
+    group_cov : DataFrame or array_like, optional
+        Known covariance (kinship) ``K`` among the levels of ``groups``
+        (DataFrame indexed and columned by the labels, or an array in sorted
+        label order): group intercepts ``u ~ N(0, s_g K)``. See
+        :mod:`flashmm.kinship` and ``docs/kinship.rst``.
 
     Examples
     --------
@@ -73,21 +112,45 @@ class MultiGeneMixedLM:
         exog: Any,
         groups: Any = None,
         exog_vc: Mapping[str, Any] | None = None,
+        exog_re: Any = None,
         *,
+        independent_re: bool = False,
         transform: Transform = None,
         gene_names: Sequence[str] | None = None,
         exog_names: Sequence[str] | None = None,
         chunk_size: int = DEFAULT_CHUNK_CELLS,
+        missing: str = "none",
+        make_unique: bool = False,
+        group_cov: Any = None,
     ) -> None:
+        check_missing_option(missing)
         n, _ = endog_shape(endog)
         exog_rows = endog_shape(exog)[0] if hasattr(exog, "shape") else len(exog)
         if exog_rows != n:
             check_orientation(endog, exog_rows)
-        design = build_design(exog, n, groups=groups, exog_vc=exog_vc, exog_names=exog_names)
+        n_dropped = 0
+        if missing == "drop":
+            bad = missing_design_cells(exog, n, groups, exog_vc) | nonfinite_cells(endog, chunk_size)
+            if exog_re is not None:
+                bad |= missing_design_cells(exog_re, n)
+            n_dropped = int(bad.sum())
+            if n_dropped:
+                keep = report_dropped(bad)
+                endog, exog = take_cells(endog, keep), take_rows(exog, keep)
+                groups = None if groups is None else take_rows(groups, keep)
+                exog_vc = {k: take_rows(v, keep) for k, v in (exog_vc or {}).items()} or None
+                exog_re = None if exog_re is None else take_rows(exog_re, keep)
+                n = keep.size
+        design = build_design(exog, n, groups=groups, exog_vc=exog_vc, exog_names=exog_names,
+                              exog_re=exog_re, independent_re=independent_re,
+                              group_cov=group_cov)
         stats = SufficientStats.from_design(
-            design, endog, transform=transform, chunk_size=chunk_size, gene_names=gene_names
+            design, endog, transform=transform, chunk_size=chunk_size, gene_names=gene_names,
+            make_unique=make_unique,
         )
+        stats.info["n_dropped"] = n_dropped
         self._init_from(stats, design)
+        self.n_dropped = n_dropped
 
     def _init_from(self, stats: SufficientStats, design: Design | None) -> None:
         self.stats = stats
@@ -114,8 +177,13 @@ class MultiGeneMixedLM:
         re_formula: str | None = None,
         transform: Transform = None,
         *,
+        independent_re: bool = False,
         gene_names: Sequence[str] | None = None,
         chunk_size: int = DEFAULT_CHUNK_CELLS,
+        layer: str | None = None,
+        missing: str = "none",
+        make_unique: bool = False,
+        group_cov: Any = None,
     ) -> MultiGeneMixedLM:
         """Build the model from a one-sided patsy formula for the fixed effects.
 
@@ -133,22 +201,66 @@ class MultiGeneMixedLM:
         vc_formula : dict, optional
             Name -> one-sided formula (statsmodels' meaning), e.g.
             ``{"celltype": "0 + C(cls)"}``; nested within ``groups`` if given.
-        re_formula : {"1", None}
-            ``"1"`` adds a random group intercept alongside ``vc_formula``.
+        re_formula : str, optional
+            ``"1"`` adds a random group intercept alongside ``vc_formula``;
+            e.g. ``"~ 1 + x"`` gives correlated random intercepts and slopes per
+            group (statsmodels' meaning; see ``docs/random_slopes.rst``).
+        independent_re : bool
+            With a random-slope ``re_formula``: independent random effects
+            (lme4's ``(1 + x || g)``).
         transform : {None, "log2p1", "log1p"} or callable
             Transform of the responses, applied chunk by chunk.
+        layer : str, optional
+            With an AnnData ``data``: use ``data.layers[layer]`` instead of ``data.X``.
+            (An AnnData ``data``, in memory or backed, supplies ``obs`` as the
+            covariates, the expression matrix and ``var_names`` as gene names.)
+        missing : {"none", "drop"}
+            ``"drop"`` drops every cell with NaN or inf in a variable of the
+            formulas, in ``groups`` or in any gene of ``endog`` (one warning;
+            the count is ``model.n_dropped``); ``"none"`` raises instead.
+        make_unique : bool
+            Rename duplicate gene names like anndata's ``var_names_make_unique``
+            (``"A", "A-1", "A-2"``) with a warning instead of raising.
+        group_cov : DataFrame or array_like, optional
+            Known covariance (kinship) ``K`` among the levels of ``groups``
+            (DataFrame indexed and columned by the labels, or an array in sorted
+            label order): group intercepts ``u ~ N(0, s_g K)``. See
+            :mod:`flashmm.kinship` and ``docs/kinship.rst``.
         """
+        from ._anndata import anndata_inputs, is_anndata
+
+        if is_anndata(data):
+            if endog is not None:
+                raise DesignError("with an AnnData, leave endog=None (the expression is X or a layer).")
+            data, endog, names = anndata_inputs(data, layer)
+            gene_names = names if gene_names is None else gene_names
         if endog is None:
             raise DesignError("from_formula needs endog (the cells x genes expression matrix).")
+        check_missing_option(missing)
         if isinstance(data, pd.DataFrame):
             check_orientation(endog, len(data))
+        n_dropped = 0
+        if missing == "drop":
+            bad = missing_formula_cells(formula, data, groups, vc_formula)
+            if re_formula is not None and re_formula.strip().lstrip("~").strip() != "1":
+                bad |= missing_formula_cells(re_formula, data)
+            bad |= nonfinite_cells(endog, chunk_size)
+            n_dropped = int(bad.sum())
+            if n_dropped:
+                keep = report_dropped(bad)
+                data, endog = data.iloc[keep], take_cells(endog, keep)
+                groups = groups if groups is None or isinstance(groups, str) else take_rows(groups, keep)
         design = build_formula_design(formula, data, groups=groups, vc_formula=vc_formula,
-                                      re_formula=re_formula)
+                                      re_formula=re_formula, independent_re=independent_re,
+                                      group_cov=group_cov)
         stats = SufficientStats.from_design(
-            design, endog, transform=transform, chunk_size=chunk_size, gene_names=gene_names
+            design, endog, transform=transform, chunk_size=chunk_size, gene_names=gene_names,
+            make_unique=make_unique,
         )
+        stats.info["n_dropped"] = n_dropped
         model = cls.__new__(cls)
         model._init_from(stats, design)
+        model.n_dropped = n_dropped
         return model
 
     # ---------------------------------------------------------------- info
@@ -207,6 +319,12 @@ class MultiGeneMixedLM:
         if df_method not in _DF_METHODS:
             raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
         start = None if start_params is None else np.asarray(start_params, dtype=float)
+        if "random_slopes" in self.stats.info:  # exog_re / re_formula: see _slopes.py
+            from ._slopes import fit_random_slopes
+
+            return fit_random_slopes(self, reml=reml, start_params=start, maxiter=maxiter,
+                                     tol=tol, allow_negative_variance=allow_negative_variance,
+                                     df_method=df_method)
         eng = fit_variance_ratios(
             self.stats, reml=reml, start_ratios=start, tol=tol, maxiter=maxiter,
             allow_negative_variance=allow_negative_variance,

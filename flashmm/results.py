@@ -115,7 +115,25 @@ class MultiGeneMixedLMResults:
     @cached_property
     def vcomp(self) -> pd.DataFrame:
         """Variance of every random component, absolute units (genes x components)."""
-        return self._frame(self._fit.ratios * self._fit.scale[:, None], self.component_names)
+        with np.errstate(invalid="ignore"):
+            v = self._fit.ratios * self._fit.scale[:, None]
+        top = getattr(self._fit, "top_vcomp", None)
+        if top is not None:  # h2 = 1: ratio inf, residual variance 0, finite limit
+            v = np.where(np.isinf(self._fit.ratios), top[:, None], v)
+        return self._frame(v, self.component_names)
+
+    @cached_property
+    def heritability(self) -> pd.Series | pd.DataFrame:
+        """Share of the variance due to the random component(s): ``s_g / (s_g + s)``.
+
+        For a model with a known covariance (``group_cov``, kinship) this is the
+        (narrow-sense) heritability ``h2`` of lmmlite / pylmm.  A Series with one
+        component, otherwise a DataFrame ``s_i / (sum_j s_j + s)`` (= :attr:`icc`).
+        ``h2 = 1`` is a legitimate boundary fit (residual variance 0).
+        """
+        if len(self.component_names) == 1:
+            return self._series(self.icc.to_numpy()[:, 0], "heritability")
+        return self.icc
 
     @property
     def cov_re(self) -> pd.DataFrame:
@@ -140,7 +158,8 @@ class MultiGeneMixedLMResults:
     @cached_property
     def boundary(self) -> pd.Series:
         """True where a variance component is estimated at 0 (lme4's singular fit)."""
-        return self._series(np.any(self._fit.ratios == 0.0, axis=1) & self._usable, "boundary")
+        at = (self._fit.ratios == 0.0) | np.isinf(self._fit.ratios)
+        return self._series(np.any(at, axis=1) & self._usable, "boundary")
 
     @cached_property
     def status(self) -> pd.Series:
@@ -171,14 +190,29 @@ class MultiGeneMixedLMResults:
         return self._frame(np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), self.exog_names)
 
     @cached_property
+    def _unit_scale(self) -> tuple[Reduced, np.ndarray, np.ndarray]:
+        """Reduced statistics of every gene divided by its residual SD.
+
+        Degrees of freedom and the ratio block of the information do not depend
+        on the units of y; working with ``s = 1`` keeps them finite for any
+        scale of the data (1e-150 to 1e150). Returns (reduced, unit scale, c2)
+        with ``c2`` the per-gene divisor of the variances.
+        """
+        scale = self._fit.scale
+        c2 = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        red = self._reduced
+        scaled = Reduced(red.ZRZ, red.ZRy / np.sqrt(c2), red.yRy / c2, red.logdet_XX, red.n, red.p)
+        return scaled, scale / c2, c2
+
+    @cached_property
     def _info(self) -> np.ndarray:
-        """Observed information of (ratios, scale), per gene."""
-        ok = self._usable
+        """Observed information of (ratios, scale / c2), per gene (see ``_unit_scale``)."""
+        ok = self._usable & np.all(np.isfinite(self._fit.ratios), axis=1)
         out = np.full((self.n_genes,) + (len(self.component_names) + 1,) * 2, np.nan)
         if ok.any():
-            red = self._reduced
+            red, unit, _ = self._unit_scale
             sub = Reduced(red.ZRZ, red.ZRy[:, ok], red.yRy[ok], red.logdet_XX, red.n, red.p)
-            out[ok] = information_gs(self.stats, sub, self._fit.ratios[ok], self._fit.scale[ok], self.reml)
+            out[ok] = information_gs(self.stats, sub, self._fit.ratios[ok], unit[ok], self.reml)
         return out
 
     @cached_property
@@ -211,6 +245,7 @@ class MultiGeneMixedLMResults:
             return self._frame(self._fit.se_theta, cols)
         k = len(self.component_names)
         J = _jacobian_to_variances(self._fit.ratios, self._fit.scale)   # d theta / d(g, s)
+        J[:, :, k] *= self._unit_scale[2][:, None]                      # information is per unit s
         cov_gs = _safe_inv(self._info)
         cov = J @ cov_gs @ np.swapaxes(J, 1, 2)
         se = np.sqrt(np.abs(np.diagonal(cov, axis1=1, axis2=2)))
@@ -265,13 +300,27 @@ class MultiGeneMixedLMResults:
             return np.full((G, r), np.inf)
         if method == "residual":
             return np.full((G, r), float(self.nobs - self.k_fe))
-        return satterthwaite_df(self.stats, self._reduced, self._fit.ratios, self._fit.scale,
-                                self._gls.cov_unscaled, L, self.reml, info=self._info)
+        return self._satterthwaite(L)
 
     def contrast_df_rows(self, L: np.ndarray) -> np.ndarray:
         """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
-        return satterthwaite_df(self.stats, self._reduced, self._fit.ratios, self._fit.scale,
-                                self._gls.cov_unscaled, L, self.reml, info=self._info)
+        return self._satterthwaite(L)
+
+    def _satterthwaite(self, L: np.ndarray) -> np.ndarray:
+        top = np.any(np.isinf(self._fit.ratios), axis=1)
+        red, unit, _ = self._unit_scale
+        if not top.any():
+            return satterthwaite_df(self.stats, red, self._fit.ratios, unit,
+                                    self._gls.cov_unscaled, L, self.reml, info=self._info)
+        # h2 = 1 (residual variance 0): Cov(b) is proportional to the one remaining
+        # variance, estimated on n - p (REML) degrees of freedom: df = n - p
+        ratios = np.where(top[:, None], 0.0, self._fit.ratios)
+        scale = np.where(top, 1.0, unit)
+        with np.errstate(all="ignore"):
+            df = satterthwaite_df(self.stats, red, ratios, scale,
+                                  self._gls.cov_unscaled, L, self.reml, info=self._info)
+        df[top] = float(self.nobs - self.k_fe)
+        return df
 
     @cached_property
     def df_satterthwaite(self) -> pd.DataFrame:
@@ -397,13 +446,36 @@ class MultiGeneMixedLMResults:
     # ---------------------------------------------------------------- BLUPs
     @cached_property
     def random_effects(self) -> dict[str, pd.DataFrame]:
-        """BLUPs: component name -> DataFrame (genes x levels)."""
-        return self._split_effects(self._gls.blup_unscaled)
+        """BLUPs: component name -> DataFrame (genes x levels).
+
+        For a component with a known covariance ``K = L L'`` (``group_cov``) the
+        BLUPs are reported on the original group levels, ``u = L v``.
+        """
+        out = self._split_effects(self._gls.blup_unscaled)
+        for comp in self.stats.components:
+            if comp.cov_factor is not None:
+                from ._kinship import to_levels
+
+                out[comp.name] = self._frame(to_levels(comp, out[comp.name].to_numpy()),
+                                             list(comp.cov_levels))
+        return out
 
     @cached_property
     def random_effects_cov(self) -> dict[str, pd.DataFrame]:
-        """Conditional variances of the BLUPs (statsmodels' ``ranef_condvar``)."""
-        return self._split_effects(self._gls.condvar_unscaled * self._fit.scale[:, None])
+        """Conditional variances of the BLUPs (statsmodels' ``ranef_condvar``).
+
+        With a known covariance ``K = L L'`` these are ``diag(L Var(v | y) L')`` on
+        the original group levels.
+        """
+        out = self._split_effects(self._gls.condvar_unscaled * self._fit.scale[:, None])
+        if any(c.cov_factor is not None for c in self.stats.components):
+            from ._kinship import condvar_levels
+
+            ratios = np.where(self._usable[:, None], self._fit.ratios, 0.0)
+            for i, cv in condvar_levels(self.stats, ratios, self._usable).items():
+                comp = self.stats.components[i]
+                out[comp.name] = self._frame(cv * self._fit.scale[:, None], list(comp.cov_levels))
+        return out
 
     def _split_effects(self, values: np.ndarray) -> dict[str, pd.DataFrame]:
         out: dict[str, pd.DataFrame] = {}

@@ -120,6 +120,7 @@ class SufficientStats:
         chunk_size: int = DEFAULT_CHUNK_CELLS,
         gene_names: Sequence[str] | None = None,
         progress: Callable[[int], None] | None = None,
+        make_unique: bool = False,
     ) -> SufficientStats:
         """Compute the statistics in one pass over the cells of ``endog``.
 
@@ -137,9 +138,13 @@ class SufficientStats:
             Gene names (default: DataFrame columns or ``gene0, gene1, ...``).
         progress : callable, optional
             Called with the number of cells processed after each chunk.
+        make_unique : bool
+            Duplicate gene names raise a :class:`~flashmm.DataError` by default;
+            with ``make_unique=True`` they are renamed like anndata's
+            ``var_names_make_unique`` (``"A", "A-1", "A-2"``) with a warning.
         """
         n, n_genes = check_orientation(endog, design.nobs)
-        names = gene_names_of(endog, n_genes, gene_names)
+        names = gene_names_of(endog, n_genes, gene_names, make_unique=make_unique)
         func, tname = resolve_transform(transform)
         endog = prepare_endog(endog)
         partial = empty_partial(design.k_fe, design.exog_re.shape[1], n_genes)
@@ -243,6 +248,9 @@ class SufficientStats:
             "info": _jsonable(self.info),
         }
         arrays = {k: getattr(self, k) for k in _SHARED + _PER_GENE}
+        # known covariance factors (group_cov): optional array L_<component position>
+        arrays.update({f"L_{i}": c.cov_factor for i, c in enumerate(self.components)
+                       if c.cov_factor is not None})
         np.savez(
             path,
             meta=np.array(json.dumps(meta)),
@@ -279,7 +287,8 @@ class SufficientStats:
             XX=contents["XX"], ZX=contents["ZX"], ZZ=contents["ZZ"], n=int(meta["n"]),
             XY=contents["XY"], ZY=contents["ZY"], yy=contents["yy"],
             exog_names=list(meta["exog_names"]),
-            components=tuple(_component_from_json(c) for c in meta["components"]),
+            components=tuple(_component_from_json(c, contents.get(f"L_{i}"))
+                             for i, c in enumerate(meta["components"])),
             gene_names=[str(g) for g in contents["gene_names"]],
             transform=meta["transform"], info=dict(meta.get("info") or {}),
         )
@@ -302,7 +311,8 @@ def accumulate(partial: dict[str, np.ndarray], X: np.ndarray, Z: sp.csr_matrix,
     """Add one chunk's ``X'Y``, ``Z'Y`` and ``sum y^2`` to ``partial`` in place."""
     if sp.issparse(block):
         partial["XY"] += np.asarray(block.T @ X).T
-        partial["ZY"] += (Z.T @ block).toarray()
+        # CSR @ CSR: Z' as CSR avoids converting the (large) chunk to CSC
+        partial["ZY"] += (Z.T.tocsr() @ block).toarray()
         partial["yy"] += np.bincount(block.indices, weights=block.data * block.data,
                                      minlength=block.shape[1])
     else:
@@ -311,21 +321,32 @@ def accumulate(partial: dict[str, np.ndarray], X: np.ndarray, Z: sp.csr_matrix,
         partial["yy"] += np.einsum("ij,ij->j", block, block)
 
 
-def _component_key(components: Sequence[RandomComponent]) -> list[tuple[str, tuple[str, ...]]]:
-    return [(c.name, c.levels) for c in components]
+def _component_key(components: Sequence[RandomComponent]) -> list[tuple[Any, ...]]:
+    return [(c.name, c.levels, c.cov_levels,
+             None if c.cov_factor is None else np.asarray(c.cov_factor).tobytes())
+            for c in components]
 
 
 def _component_to_json(c: RandomComponent) -> dict[str, Any]:
     return {"name": c.name, "levels": list(c.levels),
             "groups": list(c.groups) if c.groups is not None else None,
-            "columns": list(c.columns) if c.columns is not None else None}
+            "columns": list(c.columns) if c.columns is not None else None,
+            **({"cov_levels": list(c.cov_levels)} if c.cov_levels is not None else {})}
 
 
-def _component_from_json(d: dict[str, Any]) -> RandomComponent:
+def _component_from_json(d: dict[str, Any], cov_factor: np.ndarray | None = None) -> RandomComponent:
+    cov_levels = d.get("cov_levels")
+    if (cov_levels is None) != (cov_factor is None):
+        raise StatsError(
+            f"component {d['name']!r}: the known-covariance factor and its level names "
+            "must both be present in the file (truncated or edited file?)."
+        )
     return RandomComponent(
         d["name"], tuple(d["levels"]),
         tuple(d["groups"]) if d.get("groups") is not None else None,
         tuple(d["columns"]) if d.get("columns") is not None else None,
+        tuple(cov_levels) if cov_levels is not None else None,
+        None if cov_factor is None else np.asarray(cov_factor, dtype=np.float64),
     )
 
 

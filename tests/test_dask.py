@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-da = pytest.importorskip("dask.array")
-dask = pytest.importorskip("dask")
-
 from flashmm._design import build_design
 from flashmm._errors import DataError
 from flashmm.dask import stats_from_anndata_dask, stats_from_dask
 from flashmm.stats import SufficientStats
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
 
 RTOL = 1e-10
 ARRAYS = ("XX", "ZX", "ZZ", "XY", "ZY", "yy")

@@ -26,9 +26,9 @@ def _nb_reference(rng, means, dispersions, n_cells):
 # ----------------------------------------------------------------- sampler
 def test_nb_sampler_matches_pmf():
     # one column per regime: tiny mean, heavy tail, near-Poisson, close to and
-    # above the switch to numpy's sampler (mean 8)
-    mu = np.array([0.05, 0.7, 3.0, 7.9, 30.0])
-    size = np.array([0.3, 0.1, 1e6, 2.0, 2.0])
+    # above the switch to numpy's sampler (mean 8 or mean * dispersion 8)
+    mu = np.array([0.05, 0.7, 3.0, 7.9, 30.0, 2.0])
+    size = np.array([0.3, 0.1, 1e6, 2.0, 2.0, 0.05])
     n = 100_000
     counts = _rnbinom_block(
         np.random.default_rng(0), np.tile(mu, (n, 1)).astype(np.float32), size
@@ -232,7 +232,7 @@ def test_invalid_arguments_raise(kwargs):
 def test_reference_estimates_and_gene_names():
     rng = np.random.default_rng(7)
     true_mean = np.array([0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 0.8, 3.0])
-    true_disp = np.array([1.0, 0.5, 0.2, 0.5, 0.1, 0.3, 0.05, 0.8])
+    true_disp = np.array([1.0, 0.5, 0.2, 0.5, 0.1, 0.3, 0.4, 0.8])
     ref_counts = _nb_reference(rng, true_mean, true_disp, 30_000)
     names = [f"g_{i}" for i in range(true_mean.size)]
     ref = pd.DataFrame(ref_counts, columns=names)
@@ -250,7 +250,8 @@ def test_reference_estimates_and_gene_names():
     # sd of a sample mean of 30,000 NB draws is at most ~1.2% of the mean
     # here (mean 0.5, dispersion 1), so 5% is > 4 standard errors
     np.testing.assert_allclose(sim.var["ref_mean"], true_mean, rtol=0.05)
-    # moment estimates of the dispersion are noisier (sd up to ~4%)
+    # moment estimates of the dispersion are noisier (sd up to ~4% for these
+    # parameters, largest deviation in 200 replicates ~11%)
     np.testing.assert_allclose(sim.var["ref_dispersion"], true_disp, rtol=0.2)
     np.testing.assert_allclose(sim.var["base_mean"], sim.var["ref_mean"])
     # the simulated counts follow the estimated parameters (no size factors,

@@ -1,0 +1,331 @@
+"""Validation tables for docs/validation.rst, computed at build time.
+
+flashmm is fitted to the data stored with each reference and compared with the
+stored reference numbers (nothing here is typed by hand):
+
+* lme4 / lmerTest: ``tests/reference/lme4_sim`` (R 4.2.2, lme4 1.1-31, lmerTest 3.1-3);
+* statsmodels: ``MixedLM`` fitted live, gene by gene, on the same cells;
+* R FLASHMM 1.3.0: ``../shared/reference/flashmm-sim`` (skipped with a note if absent);
+* lmmlite: ``tests/reference/lmmlite`` (skipped with a note if absent).
+
+Writes ``_generated/validation.rst`` (included by validation.rst).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DOCS = Path(__file__).resolve().parent.parent
+ROOT = DOCS.parent
+LME4 = ROOT / "tests" / "reference" / "lme4_sim"
+FLASHMM_SIM = ROOT.parent / "shared" / "reference" / "flashmm-sim"
+LMMLITE = ROOT / "tests" / "reference" / "lmmlite"
+FORMULA = "~ 0 + np.log(libsize) + cls + cls:trt"
+
+
+def r_to_patsy(name: str) -> str:
+    """R ``model.matrix`` column name of the lme4 study -> patsy's name."""
+    name = name.replace("log(libsize)", "np.log(libsize)")
+    name = re.sub(r"cls(c\d)", r"cls[\1]", name)
+    return name.replace("trtB", "trt[T.B]")
+
+
+def _e(x: float) -> str:
+    return "0" if x == 0 else f"{x:.1e}"
+
+
+def _rel(a, b, floor):  # noqa: ANN001, ANN202
+    return np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(np.asarray(b)), floor)
+
+
+def _table(title: str, header: list[str], rows: list[list[str]], widths: str | None = None) -> str:
+    out = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        out.append(f"   * - {row[0]}")
+        out += [f"     - {c}" for c in row[1:]]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------- lme4 / lmerTest
+def _lme4_ref(model: str, method: str, what: str) -> pd.DataFrame:
+    return pd.read_csv(LME4 / f"lme4_{model}_{method}_{what}.csv", index_col=0)
+
+
+def _fit_lme4_sim(cells: pd.DataFrame, model: str, method: str):  # noqa: ANN202
+    from flashmm import MultiGeneMixedLM
+
+    genes = [c for c in cells.columns if re.fullmatch(r"g\d+", c)]
+    vc = {"sam": "0 + C(sam)", "loc": "0 + C(loc)"} if model == "2comp" else None
+    mod = MultiGeneMixedLM.from_formula(FORMULA, cells, endog=cells[genes],
+                                        groups=None if vc else "sam", vc_formula=vc)
+    return mod.fit(reml=method == "REML")
+
+
+def lme4_section() -> str:
+    if not LME4.is_dir():
+        return "*tests/reference/lme4_sim is not available: lme4 and lmerTest rows skipped.*\n"
+    cells = pd.read_csv(LME4 / "cells.csv")
+    rows, df_rows = [], []
+    spec = {"B1vsB2": "cls[c1]:trt[T.B] - cls[c2]:trt[T.B]",
+            "Bavg": "(cls[c1]:trt[T.B] + cls[c2]:trt[T.B] + cls[c3]:trt[T.B]) / 3"}
+    for model in ("1comp", "2comp"):
+        comps = ["sam"] if model == "1comp" else ["sam", "loc"]
+        for method in ("REML", "ML"):
+            res = _fit_lme4_sim(cells, model, method)
+            coef = _lme4_ref(model, method, "coef")
+            order = [r_to_patsy(c) for c in coef.columns]
+            se = _lme4_ref(model, method, "se").to_numpy()
+            vc = _lme4_ref(model, method, "vc")
+            llf = _lme4_ref(model, method, "loglik")["loglik"].to_numpy()
+            e_b = _rel(res.fe_params[order], coef.to_numpy(), 1e-2 * se).max()
+            e_se = _rel(res.bse_fe[order], se, 0).max()
+            resid = vc["residual"].to_numpy()
+            e_v = _rel(res.vcomp[comps], vc[comps].to_numpy(), 1e-3 * resid[:, None]).max()
+            e_s = _rel(res.scale, resid, 0).max()
+            d_llf = res.llf.to_numpy() - llf
+            sing = vc["singular"].to_numpy() == 1
+            agree = int((res.boundary.to_numpy() == sing).sum())
+            e_u = 0.0
+            for comp in comps:
+                suffix = "" if model == "1comp" else f"_{comp}"
+                ref = _lme4_ref(model, method, f"ranef{suffix}")
+                ours = res.random_effects[comp].copy()
+                ours.columns = [c.split("[")[-1].rstrip("]") for c in ours.columns]
+                ref = ref[ours.columns].to_numpy()
+                scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-3)
+                e_u = max(e_u, float(np.max(np.abs(ours.to_numpy() - ref) / scale)))
+            rows.append([model, method, str(len(res.gene_names)), _e(e_b), _e(e_se), _e(e_v), _e(e_s),
+                         f"{_e(np.abs(d_llf).max())} ({_e(d_llf.min())})", _e(e_u),
+                         f"{agree} / {len(sing)} ({int(sing.sum())} singular)"])
+            # lmerTest: Satterthwaite df of every coefficient and the contrasts
+            dref = _lme4_ref(model, method, "df")
+            ours = res.df_satterthwaite[[r_to_patsy(c) for c in dref.columns]].to_numpy()
+            e_df = _rel(ours, dref.to_numpy(), 0)
+            con = _lme4_ref(model, method, "contrast")
+            test = res.t_test(spec)
+            e_cdf = max(_rel(test.df_denom[n], con[f"{n}_df"], 0).max() for n in spec)
+            e_p = max(np.abs(test.pvalue[n].to_numpy() - con[f"{n}_p"].to_numpy()).max() for n in spec)
+            e_ce = max(_rel(test.effect[n], con[f"{n}_estimate"], 1e-2 * con[f"{n}_se"]).max()
+                       for n in spec)
+            df_rows.append([model, method, _e(e_df.max()), _e(float(np.median(e_df))), _e(e_ce),
+                            _e(e_cdf), _e(e_p)])
+    header = ["model", "method", "genes", "coef", "SE", "variances", "residual", "llf: max |diff| (min)",
+              "BLUPs", "boundary = singular"]
+    text = _table("flashmm against lme4 (largest discrepancy over all genes and terms)", header, rows)
+    text += "\n" + _table(
+        "flashmm's Satterthwaite df against lmerTest",
+        ["model", "method", "df: max rel.", "df: median rel.", "contrast estimate", "contrast df",
+         "contrast p (abs.)"], df_rows)
+    return text
+
+
+# ----------------------------------------------------------------------- statsmodels
+N_STATSMODELS_GENES = 15   # statsmodels fits one gene at a time: keep the build short
+
+
+def statsmodels_section() -> str:
+    try:
+        import statsmodels.api as sm
+    except ImportError:
+        return "*statsmodels is not installed: row skipped.*\n"
+    if not LME4.is_dir():
+        return "*tests/reference/lme4_sim is not available: statsmodels row skipped.*\n"
+    cells = pd.read_csv(LME4 / "cells.csv")
+    genes = [c for c in cells.columns if re.fullmatch(r"g\d+", c)][:N_STATSMODELS_GENES]
+    rows = []
+    for method in ("REML", "ML"):
+        res = _fit_lme4_sim(cells[["sam", "trt", "cls", "libsize", *genes]], "1comp", method)
+        worst = {"coef": 0.0, "se": 0.0, "var": 0.0, "llf": 0.0}
+        n_clean, n_short, llf_gain = 0, 0, []
+        for i, gene in enumerate(genes):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    fit = sm.MixedLM.from_formula("y " + FORMULA, cells.assign(y=cells[gene]),
+                                                  groups="sam").fit(reml=method == "REML")
+                except Exception:  # noqa: BLE001 - statsmodels fails on some genes
+                    continue
+            if not np.isfinite(fit.llf):
+                continue
+            llf_gain.append(res.llf.iloc[i] - fit.llf)
+            if caught or not fit.converged:
+                continue      # boundary or convergence warning: only the llf is compared
+            n_clean += 1
+            b, se = res.fe_params.iloc[i][res.exog_names].to_numpy(), res.bse_fe.iloc[i].to_numpy()
+            b_sm = fit.fe_params[res.exog_names].to_numpy()
+            errs = {
+                "coef": float(np.max(np.abs(b - b_sm) / np.maximum(np.abs(b_sm), 1e-2 * se))),
+                "se": float(np.max(np.abs(se - fit.bse_fe[res.exog_names].to_numpy())
+                                   / fit.bse_fe[res.exog_names].to_numpy())),
+                "var": float(abs(res.vcomp.iloc[i, 0] - fit.cov_re.iloc[0, 0])
+                             / max(fit.cov_re.iloc[0, 0], 1e-3 * fit.scale)),
+                "llf": float(abs(res.llf.iloc[i] - fit.llf)),
+            }
+            if errs["llf"] > 1e-4 and res.llf.iloc[i] > fit.llf:
+                n_short += 1  # statsmodels stopped short of the optimum: not a discrepancy
+                continue
+            for k, v in errs.items():
+                worst[k] = max(worst[k], v)
+        gain = np.array(llf_gain)
+        rows.append(["1comp", method, f"{n_clean - n_short} / {len(genes)}", _e(worst["coef"]),
+                     _e(worst["se"]), _e(worst["var"]), _e(worst["llf"]),
+                     _e(gain.min()) if gain.size else "", str(int(np.sum(gain > 1e-6)))])
+    header = ["model", "method", "genes compared", "coef", "SE", "variance", "llf (abs.)",
+              "min llf(flashmm) - llf(sm), all genes", "genes where flashmm's llf is higher by > 1e-6"]
+    return _table("flashmm against statsmodels MixedLM (fitted live, same cells as lme4_sim)",
+                  header, rows)
+
+
+# ------------------------------------------------------------------------- FLASHMM
+def flashmm_section() -> str:
+    if not FLASHMM_SIM.is_dir():
+        return ("*../shared/reference/flashmm-sim (R FLASHMM 1.3.0 outputs) is not available in "
+                "this checkout: the FLASHMM row is skipped.*\n")
+    import scipy.io
+
+    from flashmm import MultiGeneMixedLM
+
+    counts = scipy.io.mmread(gzip.open(FLASHMM_SIM / "counts.mtx.gz")).T.tocsr()
+    meta = pd.read_csv(FLASHMM_SIM / "metadata.csv", index_col=0)
+    X = pd.read_csv(FLASHMM_SIM / "X.csv", index_col=0)
+    genes = [g.strip() for g in open(FLASHMM_SIM / "genes.txt")]
+
+    def ref(name: str) -> pd.DataFrame:
+        return pd.read_csv(FLASHMM_SIM / f"flashmm_{name}.csv", index_col=0)
+
+    rows = []
+    for k in (1, 2):
+        vc = {"sam": meta["sam"].to_numpy()}
+        if k == 2:
+            vc["location"] = meta["location"].to_numpy()
+        model = MultiGeneMixedLM(counts, X, exog_vc=vc, transform="log2p1", gene_names=genes)
+        for method in ("REML", "ML"):
+            res = model.fit(reml=method == "REML", allow_negative_variance=True, df_method="residual")
+            name = f"{k}comp_{method}"
+            coef, se, theta = ref(f"{name}_coef"), ref(f"{name}_se"), ref(f"{name}_theta")
+            e_b = _rel(res.fe_params[coef.columns], coef.to_numpy(), 1e-2 * se.to_numpy()).max()
+            e_se = _rel(res.bse_fe[se.columns], se.to_numpy(), 0).max()
+            ours = np.column_stack([res.vcomp.to_numpy(), res.scale.to_numpy()])
+            e_th = _rel(ours, theta.to_numpy(), 1e-6).max()
+            extra = {"p (abs.)": "", "BLUPs": "", "se(theta)": ""}
+            if (FLASHMM_SIM / f"flashmm_{name}_p.csv").is_file():
+                p = ref(f"{name}_p")
+                extra["p (abs.)"] = _e(np.abs(res.pvalues[p.columns].to_numpy() - p.to_numpy()).max())
+            if (FLASHMM_SIM / f"flashmm_{name}_RE.csv").is_file():
+                blup = ref(f"{name}_RE")
+                mine = res.random_effects["sam"][[c.removeprefix("sam") for c in blup.columns]]
+                scale = np.abs(blup.to_numpy()).max(axis=1, keepdims=True)
+                extra["BLUPs"] = _e(np.max(np.abs(mine.to_numpy() - blup.to_numpy()) / scale))
+            if (FLASHMM_SIM / f"flashmm_{name}_se_theta.csv").is_file():
+                st = ref(f"{name}_se_theta").to_numpy()
+                extra["se(theta)"] = _e(_rel(res.se_vcomp.to_numpy(), st, 0).max())
+            n_neg = int((res.vcomp.to_numpy() < 0).sum())
+            rows.append([f"{k}comp", method, str(len(genes)), _e(e_b), _e(e_se), _e(e_th), *extra.values(),
+                         str(n_neg)])
+    header = ["model", "method", "genes", "coef", "SE", "variances (theta)", "p (abs.)", "BLUPs",
+              "se(theta)", "negative variances"]
+    text = _table("flashmm (allow_negative_variance=True) against R FLASHMM 1.3.0", header, rows)
+    return text
+
+
+# ------------------------------------------------------------------------- lmmlite
+RECLA = ROOT.parent / "shared" / "data" / "recla"
+
+
+def lmmlite_section() -> str:
+    files = {m: LMMLITE / f"lmmlite_{m.lower()}.csv" for m in ("REML", "ML")}
+    files = {m: f for m, f in files.items() if f.is_file()}
+    if not LMMLITE.is_dir() or not files:
+        return ("*tests/reference/lmmlite (R/lmmlite fits of the recla data) is not available in "
+                "this checkout: the lmmlite row is skipped.*\n")
+    if not RECLA.is_dir():
+        return "*../shared/data/recla is not available: the lmmlite row is skipped.*\n"
+    from flashmm import MultiGeneMixedLM
+
+    kin = pd.read_csv(RECLA / "kinship.csv", index_col=0)
+    pheno = pd.read_csv(RECLA / "pheno.csv", index_col=0)
+    covar = pd.read_csv(RECLA / "covar.csv", index_col=0)
+    rows = []
+    for method, path in files.items():
+        ref = pd.read_csv(path).set_index("phenotype")
+        err = {"beta": [], "hsq": [], "sigmasq": []}
+        offsets: dict[int, list[float]] = {}
+        n_one, n_one_close = 0, 0
+        fits: dict[str, tuple] = {}
+        patterns: dict[bytes, list[str]] = {}
+        for name in ref.index:     # phenotypes observed on the same mice are fitted together
+            patterns.setdefault(pheno[name].notna().to_numpy().tobytes(), []).append(name)
+        for names in patterns.values():
+            keep = pheno[names[0]].notna().to_numpy()
+            K = kin.to_numpy()[np.ix_(keep, keep)]
+            w, V = np.linalg.eigh(K)
+            L = V * np.sqrt(np.clip(w, 0, None))      # K = L L': the kinship as a random block
+            X = covar.to_numpy()[keep]
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                res = MultiGeneMixedLM(pheno[names].to_numpy()[keep], X, exog_vc={"kinship": L},
+                                       gene_names=names).fit(reml=method == "REML")
+                for i, name in enumerate(names):
+                    fits[name] = (float(res.vcomp.iloc[i, 0]), float(res.scale.iloc[i]),
+                                  res.fe_params.iloc[i].to_numpy(), res.bse_fe.iloc[i].to_numpy(),
+                                  float(res.llf.iloc[i]))
+        for name in ref.index:
+            sg, se, b, se_b, llf = fits[name]
+            r = ref.loc[name]
+            hsq = sg / (sg + se)
+            if r["hsq"] >= 1.0:          # residual variance 0: outside flashmm's parameter space
+                n_one += 1
+                n_one_close += bool(np.isfinite(hsq) and hsq > 1 - 1e-4)
+                continue
+            rb = np.array([r["beta_intercept"], r["beta_sex"]])
+            err["beta"].append(float(np.max(np.abs(b - rb) / np.maximum(np.abs(rb), 1e-2 * se_b))))
+            err["hsq"].append(abs(hsq - r["hsq"]))
+            total = sg + se
+            if method == "ML":       # lmmlite reports RSS / (n - p) as sigmasq even for ML
+                total *= r["n"] / (r["n"] - len(rb))
+            err["sigmasq"].append(abs(total - r["sigmasq"]) / r["sigmasq"])
+            offsets.setdefault(int(r["n"]), []).append(llf - r["loglik"])
+        spread = max((max(v) - min(v) for v in offsets.values()), default=float("nan"))
+        rows.append([method, f"{len(ref) - n_one} / {len(ref)}", _e(max(err["beta"])),
+                     _e(max(err["hsq"])), _e(max(err["sigmasq"])), _e(spread),
+                     f"{n_one} ({n_one_close} within 1e-4)"])
+    header = ["method", "phenotypes compared", "coef (rel.)", "h2 (abs.)", "total variance (rel.)",
+              "llf offset: spread within equal n", "lmmlite h2 = 1: flashmm h2 > 1 - 1e-4"]
+    text = _table("flashmm against R/lmmlite on the recla mouse phenotypes (kinship as a random block)",
+                  header, rows)
+    return text + (
+        "\nThe kinship matrix ``K`` enters as a random block ``L`` with ``K = L L'`` "
+        "(``exog_vc={\"kinship\": L}``, ``groups=None``). lmmlite's log-likelihood differs from "
+        "flashmm's (lme4's) by a constant that depends only on the number of observations, so only "
+        "its spread among phenotypes with the same ``n`` is shown. Where lmmlite puts all the "
+        "variance in the kinship term (``h2 = 1``, residual variance 0), flashmm, whose residual "
+        "variance is positive by construction, can only approach it; those phenotypes are counted "
+        "separately. For ML fits lmmlite reports ``sigmasq`` as the weighted residual sum of squares "
+        "divided by ``n - p`` (not ``n``), so flashmm's ML total variance is scaled by ``n / (n - p)`` "
+        "before the comparison.\n")
+
+
+def main(out: Path) -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    parts = [
+        ".. This file is written by docs/_scripts/validation.py at every build; do not edit.\n",
+        "lme4 and lmerTest\n-----------------\n", lme4_section(),
+        "\nstatsmodels\n-----------\n", statsmodels_section(),
+        "\nR FLASHMM\n---------\n", flashmm_section(),
+        "\nlmmlite\n-------\n", lmmlite_section(),
+    ]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "validation.rst").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    main(DOCS / "_generated")

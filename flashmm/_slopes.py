@@ -1,0 +1,576 @@
+"""Correlated random intercepts and slopes per group (statsmodels' ``exog_re``).
+
+Design side: :func:`random_slopes_block` turns ``exog_re`` (n x r) and the
+group labels into ``m * r`` columns of ``Z`` (r consecutive columns per group,
+so that ``ZZ`` has r x r diagonal blocks in this part).  Fit side:
+:func:`fit_random_slopes` runs the batched optimiser of :mod:`flashmm._fit_theta`
+and returns :class:`RandomSlopesResults`, a :class:`MultiGeneMixedLMResults`
+whose covariance parameters are the unstructured (or diagonal) r x r ``Psi``
+plus any variance components, named as in statsmodels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._design import RandomComponent
+from ._engine import STATUS_OK, EngineFit, _degenerate_status, _gene_scale, _warn_not_converged
+from ._errors import DesignError
+from ._fit_theta import (
+    ThetaCriterion,
+    ThetaGLS,
+    ThetaStructure,
+    gls_theta,
+    minimise_theta,
+    satterthwaite_theta,
+    theta_structure,
+    varpar_information,
+)
+from ._reduce import reduce_stats
+from .gene import GeneResults
+from .results import MultiGeneMixedLMResults
+
+if TYPE_CHECKING:
+    from .model import MultiGeneMixedLM
+    from .stats import SufficientStats
+
+__all__ = ["random_slopes_block", "fit_random_slopes", "RandomSlopesResults",
+           "RandomSlopesGeneResults", "SLOPES_KEY"]
+
+SLOPES_KEY = "random_slopes"
+
+#: lme4's ``isSingular`` tolerance on the bounded thetas.
+BOUNDARY_TOL = 1e-4
+
+
+def random_slopes_block(exog_re: Any, group_codes: np.ndarray, group_levels: list[str],
+                        group_name: str, n: int, independent: bool = False,
+                        exog_re_names: list[str] | None = None
+                        ) -> tuple[sp.csr_matrix, RandomComponent, dict[str, Any]]:
+    """Columns of ``Z`` for correlated random effects ``exog_re`` within groups.
+
+    Parameters
+    ----------
+    exog_re : array_like or DataFrame, shape (n, r)
+        Random-effects design (a column of ones is the random intercept).
+    group_codes, group_levels
+        Integer group of every cell and the sorted group labels.
+    group_name : str
+        Name of the component (statsmodels' group name, ``"Group"`` by default).
+    n : int
+        Number of cells.
+    independent : bool
+        Independent (diagonal ``Psi``) instead of unstructured random effects.
+    exog_re_names : list of str, optional
+        Names of the r columns (default: DataFrame columns or statsmodels'
+        ``x_re1, x_re2, ...``).
+
+    Returns
+    -------
+    block : csr_matrix (n, m * r)
+    component : RandomComponent
+        Levels ``"<group>:<name>"``, ``groups`` and ``columns`` set.
+    meta : dict
+        JSON-serialisable description stored in ``Design.info["random_slopes"]``.
+    """
+    if isinstance(exog_re, pd.DataFrame):
+        names = [str(c) for c in exog_re.columns]
+        E = exog_re.to_numpy(dtype=np.float64)
+    elif isinstance(exog_re, pd.Series):
+        names = [str(exog_re.name) if exog_re.name is not None else "x_re1"]
+        E = exog_re.to_numpy(dtype=np.float64)[:, None]
+    else:
+        E = np.asarray(sp.csr_matrix(exog_re).toarray() if sp.issparse(exog_re) else exog_re,
+                       dtype=np.float64)
+        if E.ndim == 1:
+            E = E[:, None]
+        names = [f"x_re{k + 1}" for k in range(E.shape[1])]
+    if exog_re_names is not None:
+        names = [str(x) for x in exog_re_names]
+    if E.ndim != 2 or E.shape[0] != n:
+        raise DesignError(f"exog_re has shape {E.shape}; it needs one row per cell ({n}).")
+    if len(names) != E.shape[1]:
+        raise DesignError(f"{len(names)} exog_re names for {E.shape[1]} columns.")
+    if E.shape[1] == 0:
+        raise DesignError("exog_re has no columns.")
+    if not np.all(np.isfinite(E)):
+        raise DesignError("exog_re contains NaN or inf; remove those cells or use missing='drop'.")
+    m, r = len(group_levels), E.shape[1]
+    if m < 2:
+        raise DesignError("random effects per group (exog_re) need at least two groups.")
+    rows = np.repeat(np.arange(n), r)
+    cols = (group_codes[:, None] * r + np.arange(r)[None]).ravel()
+    block = sp.csr_matrix((E.ravel(), (rows, cols)), shape=(n, m * r))
+    block.eliminate_zeros()
+    grp = tuple(g for g in group_levels for _ in range(r))
+    col = tuple(names) * m
+    levels = tuple(f"{g}:{c}" for g, c in zip(grp, col))
+    comp = RandomComponent(str(group_name), levels, grp, col)
+    meta = {"names": names, "dim": r, "n_groups": m, "independent": bool(independent),
+            "group_name": str(group_name)}
+    return block, comp, meta
+
+
+def cov_param_names(names: list[str], independent: bool) -> list[str]:
+    """statsmodels' names of the lower triangle of ``Psi`` (row by row)."""
+    out = []
+    for i in range(len(names)):
+        for j in range(i + 1):
+            if i == j:
+                out.append(f"{names[i]} Var")
+            elif not independent:
+                out.append(f"{names[j]} x {names[i]} Cov")
+    return out
+
+
+def _tril_rows(r: int, independent: bool) -> tuple[np.ndarray, np.ndarray]:
+    ii, jj = [], []
+    for i in range(r):
+        for j in range(i + 1):
+            if i == j or not independent:
+                ii.append(i)
+                jj.append(j)
+    return np.asarray(ii, dtype=int), np.asarray(jj, dtype=int)
+
+
+# --------------------------------------------------------------------- fit
+@dataclasses.dataclass
+class ThetaEngineFit(EngineFit):
+    """:class:`EngineFit` plus lme4's ``theta`` per gene and its structure.
+
+    ``ratios`` holds the variance-component ratios followed by nothing else:
+    the random-slope covariance is in ``theta`` (``Psi / s = T T'``).
+    """
+
+    theta: np.ndarray | None = None
+    structure: ThetaStructure | None = None
+    criterion: ThetaCriterion | None = None
+
+
+def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: Any = None,
+                      maxiter: int = 200, tol: float = 1e-10,
+                      allow_negative_variance: bool = False,
+                      df_method: str = "satterthwaite") -> RandomSlopesResults:
+    """Fit correlated random effects for every gene (see :mod:`flashmm._fit_theta`).
+
+    ``start_params``, if given, is lme4's ``theta`` (length t or genes x t):
+    the lower triangle of ``T`` column by column, then ``sqrt`` of every
+    variance-component ratio.  It is tried in addition to the default starts.
+    """
+    if allow_negative_variance:
+        raise DesignError("allow_negative_variance=True is not available with exog_re / "
+                          "re_formula random slopes.")
+    stats = model.stats
+    meta = stats.info[SLOPES_KEY]
+    st = theta_structure(stats.components, int(meta["dim"]), bool(meta["independent"]))
+    c = _gene_scale(stats)
+    sc = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
+    red = reduce_stats(sc)
+    status = _degenerate_status(sc, red)
+    ok = np.flatnonzero(status == STATUS_OK)
+    G, t = stats.n_genes, st.n_theta
+    m = red.n - red.p if reml else red.n
+    crit = ThetaCriterion(st, red.ZRZ, red.ZRy.T, red.yRy, red.ZRZ if reml else stats.ZZ,
+                          m, reml)
+    theta = np.full((G, t), np.nan)
+    converged = np.zeros(G, dtype=bool)
+    n_iter = np.zeros(G, dtype=np.int64)
+    scale = np.full(G, np.nan)
+    llf = np.full(G, np.nan)
+    if ok.size:
+        sub = crit.subset(ok)
+        start = None if start_params is None else np.broadcast_to(
+            np.asarray(start_params, dtype=float), (G, t))[ok]
+        res = minimise_theta(sub, tol=tol, maxiter=maxiter, start_theta=start)
+        theta[ok], converged[ok], n_iter[ok] = res.theta, res.converged, res.n_iter
+        S, logdet, _, _ = sub.parts(res.theta, grad=False)
+        s = S / m
+        if reml:
+            logdet = logdet + red.logdet_XX
+        scale[ok] = s * c[ok] ** 2
+        llf[ok] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi * s)) + logdet) - m * np.log(c[ok])
+    _warn_not_converged(converged[ok], G)
+    k = len(stats.components)
+    ratios = np.full((G, k), np.nan)
+    ratios[:, 0] = np.sum(theta[:, :1] ** 2, axis=1)
+    for j, ci in enumerate(st.vc_components):
+        ratios[:, ci] = theta[:, len(st.re_pairs) + j] ** 2
+    crit_full = ThetaCriterion(st, red.ZRZ, red.ZRy.T * c, red.yRy * c * c,
+                               red.ZRZ if reml else stats.ZZ, m, reml)
+    fit = ThetaEngineFit(ratios=ratios, scale=scale, llf=llf, converged=converged,
+                         n_iter=n_iter, status=status.astype(str), reml=reml,
+                         method="theta-newton", theta=theta, structure=st, criterion=crit_full)
+    return RandomSlopesResults(model, fit, df_method=df_method)
+
+
+# ----------------------------------------------------------------- results
+class RandomSlopesResults(MultiGeneMixedLMResults):
+    """Results with correlated random effects per group (statsmodels' ``exog_re``).
+
+    Covariance parameters follow statsmodels' ``MixedLMResults``:
+
+    * :attr:`cov_re`: genes x lower-triangle entries of ``Psi`` (absolute
+      units), columns named like statsmodels' params (``"Group Var"``,
+      ``"Group x x Cov"``, ``"x Var"``); :meth:`cov_re_matrix` gives the
+      r x r matrices and ``results.gene(name).cov_re`` one of them.
+    * :attr:`vcomp`: the variance components (``vc_formula`` / ``exog_vc``)
+      other than ``Psi``, absolute units.
+    * :attr:`params`: fixed effects, then ``Psi / scale`` (lower triangle)
+      and the variance-component ratios, statsmodels' order and names.
+    * :attr:`theta`: lme4's ``theta`` per gene.
+    """
+
+    _fit: ThetaEngineFit
+
+    @property
+    def _meta(self) -> dict[str, Any]:
+        return self.stats.info[SLOPES_KEY]
+
+    @property
+    def _st(self) -> ThetaStructure:
+        assert self._fit.structure is not None
+        return self._fit.structure
+
+    @property
+    def exog_re_names(self) -> list[str]:
+        """Names of the r correlated random effects (statsmodels' ``exog_re_names``)."""
+        return list(self._meta["names"])
+
+    @property
+    def component_names(self) -> list[str]:
+        """Names of the variance components other than the random-slope block."""
+        return [self.stats.components[ci].name for ci in self._st.vc_components]
+
+    @property
+    def cov_re_names(self) -> list[str]:
+        """statsmodels' names of the ``Psi`` parameters."""
+        return cov_param_names(self.exog_re_names, bool(self._meta["independent"]))
+
+    @property
+    def _k_cov_params(self) -> int:
+        return self._st.n_theta
+
+    @cached_property
+    def theta(self) -> pd.DataFrame:
+        """lme4's ``theta``: lower triangle of ``T`` by column, then variance-component factors."""
+        st = self._st
+        names = self.exog_re_names
+        cols = [f"{names[b]}" if a == b else f"{names[a]}.{names[b]}" for a, b in st.re_pairs]
+        cols = [f"{self._meta['group_name']}.{c}" for c in cols] + self.component_names
+        return self._frame(self._fit.theta, cols)
+
+    def _psi_unscaled(self) -> np.ndarray:
+        T = self._st.tfactor(self._fit.theta)
+        return T @ np.swapaxes(T, 1, 2)
+
+    def cov_re_matrix(self) -> np.ndarray:
+        """``Psi`` per gene, array (genes, r, r), absolute units."""
+        return self._psi_unscaled() * self._fit.scale[:, None, None]
+
+    @cached_property
+    def cov_re(self) -> pd.DataFrame:  # type: ignore[override]
+        """Lower triangle of ``Psi`` (absolute units), genes x entries."""
+        ii, jj = _tril_rows(self._st.re_dim, bool(self._meta["independent"]))
+        return self._frame(self.cov_re_matrix()[:, ii, jj], self.cov_re_names)
+
+    @cached_property
+    def cov_re_unscaled(self) -> pd.DataFrame:
+        """Lower triangle of ``Psi / scale`` (statsmodels' ``cov_re_unscaled``)."""
+        ii, jj = _tril_rows(self._st.re_dim, bool(self._meta["independent"]))
+        return self._frame(self._psi_unscaled()[:, ii, jj], self.cov_re_names)
+
+    @cached_property
+    def corr_re(self) -> pd.DataFrame:
+        """Correlations of the random effects (off-diagonal entries of ``Psi``)."""
+        P = self._psi_unscaled()
+        d = np.sqrt(np.diagonal(P, axis1=1, axis2=2))
+        names = self.exog_re_names
+        cols, vals = [], []
+        for i in range(len(names)):
+            for j in range(i):
+                cols.append(f"{names[j]} x {names[i]} Corr")
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    vals.append(P[:, i, j] / (d[:, i] * d[:, j]))
+        return self._frame(np.column_stack(vals) if vals else np.empty((self.n_genes, 0)), cols)
+
+    @property
+    def ratios(self) -> pd.DataFrame:
+        """Variance-component ratios ``s_i / s`` (other than ``Psi``)."""
+        return self._frame(self._vc_ratios(), self.component_names)
+
+    def _vc_ratios(self) -> np.ndarray:
+        j0 = len(self._st.re_pairs)
+        return self._fit.theta[:, j0:] ** 2
+
+    @cached_property
+    def vcomp(self) -> pd.DataFrame:
+        """Variance components other than ``Psi`` (absolute units)."""
+        return self._frame(self._vc_ratios() * self._fit.scale[:, None], self.component_names)
+
+    @cached_property
+    def boundary(self) -> pd.Series:
+        """Singular fit: a bounded ``theta`` below lme4's ``isSingular`` tolerance 1e-4.
+
+        Covers a zero variance and a correlation of +-1 in ``Psi`` (a zero on the
+        diagonal of ``T``) and a variance component at 0.
+        """
+        th = self._fit.theta[:, self._st.bounded]
+        return self._series(np.any(th < BOUNDARY_TOL, axis=1) & self._usable, "boundary")
+
+    @cached_property
+    def icc(self) -> pd.DataFrame:
+        """Share of the variance components in ``vcomp + Psi[0, 0] + scale``."""
+        v = self.vcomp.to_numpy()
+        total = v.sum(axis=1) + self.cov_re_matrix()[:, 0, 0] + self._fit.scale
+        return self._frame(v / total[:, None], self.component_names)
+
+    # ------------------------------------------------------------- GLS
+    @cached_property
+    def _gls_theta(self) -> ThetaGLS:
+        theta = np.where(self._usable[:, None], self._fit.theta, 0.0)
+        est = gls_theta(self.stats, self._st, theta)
+        bad = ~self._usable
+        for arr in (est.fe_params, est.cov_unscaled, est.blup_unscaled, est.condcov_unscaled):
+            arr[bad] = np.nan
+        return est
+
+    @cached_property
+    def _gls(self) -> Any:
+        g = self._gls_theta
+        return dataclasses.make_dataclass("G", ["fe_params", "cov_unscaled", "blup_unscaled",
+                                               "condvar_unscaled"])(
+            g.fe_params, g.cov_unscaled, g.blup_unscaled,
+            np.diagonal(g.condcov_unscaled, axis1=1, axis2=2))
+
+    def random_effects_cov_full(self) -> np.ndarray:
+        """Full conditional covariance ``Cov(u | y)`` per gene, (genes, q, q)."""
+        return self._gls_theta.condcov_unscaled * self._fit.scale[:, None, None]
+
+    # ------------------------------------------------------ inference
+    @cached_property
+    def _info(self) -> np.ndarray:
+        """Deviance Hessian in ``(theta, sigma)`` per gene (lmerTest's parameterisation)."""
+        t = self._st.n_theta
+        out = np.full((self.n_genes, t + 1, t + 1), np.nan)
+        ok = np.flatnonzero(self._usable)
+        if ok.size:
+            crit = self._fit.criterion
+            assert crit is not None
+            out[ok] = varpar_information(crit.subset(ok), self._fit.theta[ok],
+                                         np.sqrt(self._fit.scale[ok]))
+        return out
+
+    def _satterthwaite(self, L: np.ndarray) -> np.ndarray:
+        out = np.full((self.n_genes, L.shape[-2]), np.nan)
+        ok = np.flatnonzero(self._usable)
+        if ok.size:
+            crit = self._fit.criterion
+            assert crit is not None
+            Lb = L if L.ndim == 2 else L[ok]
+            out[ok] = satterthwaite_theta(self.stats, self._st, crit.subset(ok),
+                                          self._fit.theta[ok], self._fit.scale[ok],
+                                          self._gls.cov_unscaled[ok], Lb, self._info[ok])
+        return out
+
+    def contrast_df(self, L: np.ndarray, df_method: str | None = None) -> np.ndarray:
+        """Denominator df of every contrast row of ``L`` (genes x rows)."""
+        method = self._check_df_method(df_method)
+        if method != "satterthwaite":
+            return super().contrast_df(L, method)
+        return self._satterthwaite(L)
+
+    def contrast_df_rows(self, L: np.ndarray) -> np.ndarray:
+        """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
+        return self._satterthwaite(L)
+
+    @cached_property
+    def bse_re(self) -> pd.DataFrame:
+        """Not computed for random slopes (NaN); see :attr:`se_theta`."""
+        cols = self.cov_re_names + [f"{c} Var" for c in self.component_names]
+        return self._frame(np.full((self.n_genes, len(cols)), np.nan), cols)
+
+    @cached_property
+    def se_theta(self) -> pd.DataFrame:
+        """Standard errors of ``(theta, sigma)`` from the deviance Hessian (NaN at the boundary)."""
+        cols = list(self.theta.columns) + ["sigma"]
+        H = self._info
+        t = self._st.n_theta
+        free = np.concatenate([~(self._st.bounded[None] & (self._fit.theta <= 0.0)),
+                               np.ones((self.n_genes, 1), dtype=bool)], axis=1)
+        out = np.full((self.n_genes, t + 1), np.nan)
+        ok = np.all(np.isfinite(H), axis=(1, 2))
+        if ok.any():
+            Hf = H[ok] * (free[ok][:, :, None] & free[ok][:, None, :])
+            Hf[:, np.arange(t + 1), np.arange(t + 1)] += ~free[ok]
+            cov = 2.0 * np.linalg.pinv(Hf)
+            out[ok] = np.sqrt(np.abs(np.diagonal(cov, axis1=1, axis2=2)))
+        return self._frame(np.where(free, out, np.nan), cols)
+
+    @cached_property
+    def se_vcomp(self) -> pd.DataFrame:
+        """Not computed for random slopes (NaN); see :attr:`se_theta`."""
+        cols = self.component_names + ["residual"]
+        return self._frame(np.full((self.n_genes, len(cols)), np.nan), cols)
+
+    @cached_property
+    def params(self) -> pd.DataFrame:
+        """Fixed effects, ``Psi / scale`` (lower triangle), variance-component ratios."""
+        cols = self.exog_names + self.cov_re_names + [f"{c} Var" for c in self.component_names]
+        vals = np.hstack([self._gls.fe_params, self.cov_re_unscaled.to_numpy(), self._vc_ratios()])
+        return self._frame(vals, cols)
+
+    @cached_property
+    def aic(self) -> pd.Series:
+        """Akaike information criterion (NaN for REML, as statsmodels)."""
+        k = self.k_fe + self._k_cov_params + 1
+        vals = -2 * self.llf.to_numpy() + 2 * k if not self.reml else np.full(self.n_genes, np.nan)
+        return self._series(vals, "aic")
+
+    @cached_property
+    def bic(self) -> pd.Series:
+        """Bayesian information criterion (NaN for REML, as statsmodels)."""
+        k = self.k_fe + self._k_cov_params + 1
+        vals = (-2 * self.llf.to_numpy() + np.log(self.nobs) * k if not self.reml
+                else np.full(self.n_genes, np.nan))
+        return self._series(vals, "bic")
+
+    def compare_lr_test(self, restricted: MultiGeneMixedLMResults) -> pd.DataFrame:
+        """Likelihood-ratio test against a nested fit (e.g. random intercept only).
+
+        The chi-square df is the difference in the number of parameters; at the
+        boundary (a variance of 0 under the null) the p-value is conservative.
+        """
+        if self.reml != restricted.reml:
+            raise ValueError("cannot compare a REML fit with an ML fit; refit both the same way.")
+        if list(self.gene_names) != list(restricted.gene_names):
+            raise ValueError("the two fits have different genes.")
+        if self.reml and self.exog_names != restricted.exog_names:
+            raise ValueError("REML likelihoods of models with different fixed effects are not "
+                             "comparable; refit both with reml=False.")
+        k_rest = restricted.k_fe + getattr(restricted, "_k_cov_params",
+                                           len(restricted.component_names))
+        dfd = self.k_fe + self._k_cov_params - k_rest
+        if dfd <= 0:
+            raise ValueError("the restricted model must have fewer parameters than this one.")
+        from scipy import stats as sps
+
+        stat = np.maximum(2.0 * (self.llf.to_numpy() - restricted.llf.to_numpy()), 0.0)
+        return pd.DataFrame({"statistic": stat, "df": dfd, "pvalue": sps.chi2.sf(stat, dfd)},
+                            index=self.gene_names)
+
+    # ---------------------------------------------------------------- BLUPs
+    def gene(self, name: str | int) -> RandomSlopesGeneResults:
+        """A one-gene view with statsmodels ``MixedLMResults`` attribute names."""
+        base = super().gene(name)
+        return RandomSlopesGeneResults(self, base._pos)
+
+    def __repr__(self) -> str:
+        return (f"<RandomSlopesResults: {self.n_genes} genes, {self.nobs} cells, {self.method}, "
+                f"random effects {self.exog_re_names} by {self._meta['group_name']}, "
+                f"{int(self.converged.sum())} converged>")
+
+
+class RandomSlopesGeneResults(GeneResults):
+    """One gene of a random-slopes fit, with statsmodels' names.
+
+    ``cov_re`` is the r x r ``Psi`` (index and columns ``exog_re_names``),
+    ``random_effects`` maps every group to a Series over ``exog_re_names``
+    (then any nested variance-component effects) and ``random_effects_cov``
+    to the matching conditional covariance matrix.
+    """
+
+    _parent: RandomSlopesResults
+
+    @property
+    def cov_re(self) -> pd.DataFrame:
+        """``Psi`` (r x r), as statsmodels' ``MixedLMResults.cov_re``."""
+        names = self._parent.exog_re_names
+        return pd.DataFrame(self._parent.cov_re_matrix()[self._pos], index=names, columns=names)
+
+    @property
+    def cov_re_unscaled(self) -> pd.DataFrame:
+        """``Psi / scale``."""
+        return self.cov_re / self.scale
+
+    @property
+    def vcomp(self) -> np.ndarray:
+        """Variances of the variance components (statsmodels' ``vcomp``)."""
+        return self._parent.vcomp.iloc[self._pos].to_numpy()
+
+    def _group_columns(self) -> dict[str, tuple[list[int], list[str]]]:
+        out: dict[str, tuple[list[int], list[str]]] = {}
+        start = 0
+        for ci, comp in enumerate(self._parent.stats.components):
+            for j in range(comp.size):
+                g = comp.groups[j] if comp.groups is not None else "Group"
+                if ci == 0:
+                    label = comp.columns[j]
+                else:
+                    col = comp.columns[j] if comp.columns is not None else comp.levels[j]
+                    label = f"{comp.name}[{col}]"
+                cols, labels = out.setdefault(g, ([], []))
+                cols.append(start + j)
+                labels.append(label)
+            start += comp.size
+        return out
+
+    @property
+    def random_effects(self) -> dict[str, pd.Series]:
+        """BLUPs: group -> Series over the random effects of the group."""
+        u = self._parent._gls.blup_unscaled[self._pos]
+        return {g: pd.Series(u[c], index=lab, name=g)
+                for g, (c, lab) in self._group_columns().items()}
+
+    @property
+    def random_effects_cov(self) -> dict[str, pd.DataFrame]:
+        """Conditional covariance of every group's random effects (statsmodels' layout)."""
+        C = self._parent._gls_theta.condcov_unscaled[self._pos] * self.scale
+        return {g: pd.DataFrame(C[np.ix_(c, c)], index=lab, columns=lab)
+                for g, (c, lab) in self._group_columns().items()}
+
+    def summary(self, alpha: float = 0.05, df_method: str | None = None) -> Any:
+        """statsmodels-style summary: fixed effects with the chosen df, then ``Psi`` and vcomp."""
+        from scipy import stats as sps
+        from statsmodels.iolib import summary2
+
+        parent = self._parent
+        method = parent._check_df_method(df_method)
+        smry = summary2.Summary()
+        smry.add_dict({
+            "Model:": "MultiGeneMixedLM", "No. Observations:": str(self.nobs),
+            "No. Groups:": str(parent._meta["n_groups"]), "Dependent Variable:": self.name,
+            "Method:": self.method, "Scale:": self.scale, "Log-Likelihood:": self.llf,
+            "Converged:": "Yes" if self.converged else "No", "Df method:": method,
+        })
+        smry.add_title("Mixed Linear Model Regression Results")
+        p = parent.k_fe
+        b, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
+        df = parent.contrast_df(np.eye(p), method)[self._pos]
+        t = b / se
+        normal = bool(np.all(np.isinf(df)))
+        crit = sps.norm.ppf(1 - alpha / 2) if normal else sps.t.ppf(1 - alpha / 2, df)
+        pv = 2 * sps.norm.sf(np.abs(t)) if normal else 2 * sps.t.sf(np.abs(t), df)
+        cov = np.concatenate([parent.cov_re.iloc[self._pos].to_numpy(), self.vcomp])
+        names = parent.exog_names + list(parent.cov_re.columns) + [
+            f"{c} Var" for c in parent.component_names]
+        sdf = np.full((len(names), 6), np.nan)
+        sdf[:p] = np.column_stack([b, se, t, pv, b - crit * se, b + crit * se])
+        sdf[p:, 0] = cov
+        stat = "z" if normal else "t"
+        frame = pd.DataFrame(sdf, index=names, columns=[
+            "Coef.", "Std.Err.", stat, f"P>|{stat}|", f"[{alpha / 2}", f"{1 - alpha / 2}]"])
+        for col in frame.columns:
+            frame[col] = ["%.3f" % x if np.isfinite(x) else "" for x in frame[col]]
+        smry.add_df(frame, align="r")
+        return smry
+
+
+def slopes_info(stats: SufficientStats) -> dict[str, Any] | None:
+    """The random-slopes description of a model's statistics, if any."""
+    return stats.info.get(SLOPES_KEY)

@@ -1,0 +1,354 @@
+"""Command line interface: ``flashmm demo``, ``flashmm fit`` and ``flashmm stats``.
+
+``flashmm demo`` simulates a multi-sample single-cell study and runs the whole
+differential-expression workflow on it; ``flashmm stats`` makes one pass over
+the cells of an ``.h5ad`` file (read backed, chunk by chunk) and saves the
+sufficient statistics; ``flashmm fit`` fits the model from an ``.h5ad`` file or
+from saved statistics and writes a tidy CSV table.
+
+Errors in the inputs are reported on one line, ``flashmm: error: ...``, with
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np  # formulas such as np.log(libsize) are evaluated in this namespace
+import pandas as pd
+
+from ._endog import DEFAULT_CHUNK_CELLS
+from ._errors import FlashmmError
+from ._version import __version__
+
+__all__ = ["main", "build_parser"]
+
+_DEMO_FORMULA = "~ 0 + np.log(libsize) + cls + cls:trt"
+_DEMO_PNG = "flashmm_demo_volcano.png"
+
+
+class CLIError(FlashmmError):
+    """A usage error detected after argument parsing."""
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``flashmm`` command."""
+    parser = argparse.ArgumentParser(
+        prog="flashmm",
+        description="Linear mixed models for thousands of genes at once (single-cell DE).",
+    )
+    parser.add_argument("--version", action="version", version=f"flashmm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,fit,stats}")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="simulate a study and run the whole DE workflow on it")
+    demo.add_argument("--genes", type=int, default=2000, help="number of genes (default 2000)")
+    demo.add_argument("--cells", type=int, default=20000, help="number of cells (default 20000)")
+    demo.add_argument("--samples", type=int, default=24, help="number of samples (default 24)")
+    demo.add_argument("--celltypes", type=int, default=6, help="number of cell types (default 6)")
+    demo.add_argument("--de-genes", type=int, default=None,
+                      help="number of DE genes (default: 5%% of the genes)")
+    demo.add_argument("--seed", type=int, default=2024, help="random seed (default 2024)")
+    demo.add_argument("--fdr", type=float, default=0.05, help="FDR level (default 0.05)")
+    demo.add_argument("--top", type=int, default=10, help="top genes to print (default 10)")
+    demo.add_argument("--out-dir", default=".", help="directory of the volcano plot PNG")
+    demo.add_argument("--no-plot", action="store_true", help="do not write the volcano plot")
+
+    fit = sub.add_parser("fit", help="fit the model to an .h5ad file or saved statistics")
+    fit.add_argument("input", nargs="?", help="input .h5ad file (read backed)")
+    fit.add_argument("--stats", dest="stats_path", help="refit from statistics saved by 'flashmm stats'")
+    _add_design_args(fit, required=False)
+    fit.add_argument("--contrast", action="append", default=[], metavar="NAME=EXPR",
+                     help="contrast over term names, e.g. 'C1=cls[C1]:trt[T.B]' (repeatable)")
+    meth = fit.add_mutually_exclusive_group()
+    meth.add_argument("--reml", dest="reml", action="store_true", default=True, help="REML (default)")
+    meth.add_argument("--ml", dest="reml", action="store_false", help="maximum likelihood")
+    fit.add_argument("--df-method", default="satterthwaite",
+                     choices=["satterthwaite", "residual", "normal"], help="test df (default satterthwaite)")
+    fit.add_argument("--out", required=True, help="output CSV (tidy table)")
+    fit.add_argument("--write-h5ad", metavar="OUT.h5ad",
+                     help="also write obs/var and the results (write_results) to this .h5ad (X not copied)")
+    fit.add_argument("--save-stats", metavar="STATS.npz", help="also save the sufficient statistics")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    st = sub.add_parser("stats", help="compute and save the sufficient statistics of an .h5ad file")
+    st.add_argument("input", help="input .h5ad file (read backed)")
+    _add_design_args(st, required=True)
+    st.add_argument("--out", required=True, help="output .npz file")
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _add_design_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--formula", required=required, help="one-sided fixed-effects formula over obs columns")
+    p.add_argument("--groups", help="obs column of the grouping factor (e.g. donor)")
+    p.add_argument("--vc", action="append", default=[], metavar="NAME=FORMULA",
+                   help="variance component, e.g. 'celltype=0 + C(cls)' (repeatable)")
+    p.add_argument("--re-intercept", action="store_true",
+                   help="random group intercept alongside --vc (statsmodels re_formula='1')")
+    p.add_argument("--layer", help="use adata.layers[LAYER] instead of adata.X")
+    p.add_argument("--transform", default=None, choices=["log2p1", "log1p"],
+                   help="transform of the values (default none)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_CELLS,
+                   help=f"cells per chunk (default {DEFAULT_CHUNK_CELLS})")
+
+
+def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise CLIError(f"{what} {item!r} must look like NAME=EXPRESSION.")
+        out[name.strip()] = value.strip()
+    return out
+
+
+# ------------------------------------------------------------- commands
+def _read_h5ad(path: str) -> Any:
+    try:
+        import anndata
+    except ImportError:  # pragma: no cover - optional dependency
+        raise CLIError("reading .h5ad files needs anndata: pip install 'flashmm[anndata]'.") from None
+    if not os.path.exists(path):
+        raise CLIError(f"input file {path!r} does not exist.")
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py/anndata raise many types for a bad file
+        raise CLIError(f"cannot read {path!r} as an .h5ad file: {str(err).splitlines()[0]}") from None
+
+
+def _compute_stats(args: argparse.Namespace) -> tuple[Any, Any]:
+    """One backed pass over the cells; returns (stats, adata)."""
+    from ._anndata import anndata_inputs
+    from ._design import build_formula_design
+    from ._progress import Progress
+    from .stats import SufficientStats
+
+    if not args.formula:
+        raise CLIError("--formula is required with an .h5ad input.")
+    adata = _read_h5ad(args.input)
+    obs, endog, genes = anndata_inputs(adata, args.layer)
+    vc = _pairs(args.vc, "--vc") or None
+    design = build_formula_design(args.formula, obs, groups=args.groups, vc_formula=vc,
+                                  re_formula="1" if args.re_intercept else None)
+    with Progress(len(obs), "cells", enabled=not args.quiet) as bar:
+        stats = SufficientStats.from_design(design, endog, transform=args.transform,
+                                            chunk_size=args.chunk_size, gene_names=genes,
+                                            progress=bar)
+    return stats, adata
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    stats, adata = _compute_stats(args)
+    stats.save(args.out)
+    _close(adata)
+    print(f"flashmm: saved statistics of {stats.n} cells x {stats.n_genes} genes to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def _close(adata: Any) -> None:
+    f = getattr(adata, "file", None)
+    if f is not None and getattr(adata, "isbacked", False):
+        f.close()
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from ._progress import Progress
+    from .model import MultiGeneMixedLM
+    from .stats import SufficientStats
+
+    if (args.input is None) == (args.stats_path is None):
+        raise CLIError("give either an input .h5ad file or --stats STATS.npz (not both).")
+    if args.stats_path is not None and args.write_h5ad:
+        raise CLIError("--write-h5ad needs the .h5ad input (its obs and var), not --stats.")
+    adata = None
+    if args.stats_path is not None:
+        if not os.path.exists(args.stats_path):
+            raise CLIError(f"statistics file {args.stats_path!r} does not exist.")
+        stats = SufficientStats.load(args.stats_path)
+    else:
+        stats, adata = _compute_stats(args)
+        if args.save_stats:
+            stats.save(args.save_stats)
+    model = MultiGeneMixedLM.from_sufficient_stats(stats)
+    contrasts = _pairs(args.contrast, "--contrast")
+    with Progress(2, "fit and tests", unit="step", enabled=not args.quiet) as bar:
+        res = model.fit(reml=args.reml, df_method=args.df_method)
+        bar(1)
+        table, con = _tests_table(res, contrasts)
+        bar(1)
+    table.to_csv(args.out, index=False)
+    if args.write_h5ad:
+        _write_h5ad(adata, res, con, args.write_h5ad)
+    if adata is not None:
+        _close(adata)
+    n_conv = int(res.converged.sum())
+    print(f"flashmm: fitted {res.n_genes} genes on {res.nobs} cells ({n_conv} converged); "
+          f"wrote {len(table)} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _tests_table(res: Any, contrasts: dict[str, str]) -> tuple[pd.DataFrame, Any]:
+    """Tidy table of every coefficient and contrast, from one ``t_test`` call.
+
+    Coefficients and contrasts share one call so the Satterthwaite df machinery
+    runs once. Returns the table (column ``kind``: "term" or "contrast") and the
+    contrast results of the user's contrasts (or None).
+    """
+    from .contrasts import contrast_matrix
+
+    terms = list(res.exog_names)
+    L = pd.DataFrame(np.eye(len(terms)), index=terms, columns=terms)
+    if contrasts:
+        clash = sorted(set(contrasts) & set(terms))
+        if clash:
+            raise CLIError(f"contrast name(s) {clash} are also term names; rename them.")
+        L = pd.concat([L, contrast_matrix(contrasts, terms)], axis=1)
+    tests = res.t_test(L)
+    table = tests.summary_frame()
+    table["kind"] = np.where(table["contrast"].isin(terms), "term", "contrast")
+    con = None
+    if contrasts:
+        from .contrasts import MultiGeneContrastResults
+
+        names = list(contrasts)
+        idx = [list(L.columns).index(n) for n in names]
+        con = MultiGeneContrastResults(
+            tests.effect.index, names, tests.L[idx], tests.q[idx],
+            tests.effect[names].to_numpy(), tests.sd[names].to_numpy(),
+            tests.df_denom[names].to_numpy(), tests.alternative, tests.df_method,
+            res.converged.to_numpy(),
+        )
+    return table, con
+
+
+def _write_h5ad(adata: Any, res: Any, con: Any, path: str) -> None:
+    import anndata
+
+    from .io import write_results
+
+    out = anndata.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
+    write_results(out, res, contrasts=con)
+    out.write_h5ad(path)
+
+
+# ------------------------------------------------------------------ demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .datasets import simulate_rnaseq
+    from .model import MultiGeneMixedLM
+
+    t0 = time.perf_counter()
+    n_de = args.de_genes if args.de_genes is not None else max(args.celltypes, args.genes // 20)
+    print(f"Simulating {args.cells} cells x {args.genes} genes: {args.samples} samples nested in "
+          f"2 conditions, {args.celltypes} cell types, {n_de} DE genes (seed {args.seed}) ...")
+    adata = simulate_rnaseq(args.genes, args.cells, n_samples=args.samples,
+                            n_celltypes=args.celltypes, n_de_genes=n_de, seed=args.seed)
+    t1 = time.perf_counter()
+    print(f"  simulated in {t1 - t0:.1f} s\n")
+    print(f"Fitting  {_DEMO_FORMULA}  with random sample intercepts (groups='sam'), "
+          "transform='log2p1' ...")
+    model = MultiGeneMixedLM.from_formula(_DEMO_FORMULA, adata, groups="sam", transform="log2p1")
+    res = model.fit()
+    terms = [t for t in res.exog_names if ":trt[" in t]
+    tests = res.t_test(dict(zip(terms, terms, strict=True)))
+    frame = tests.summary_frame()
+    t2 = time.perf_counter()
+    print(f"  fitted in {t2 - t1:.1f} s\n")
+    print(res.summary())
+    top = frame.sort_values("pvalue").head(args.top)
+    with pd.option_context("display.width", 120, "display.max_columns", 20):
+        print(f"\nTop {args.top} genes for the cell-type-specific treatment effects (cls:trt):")
+        print(top.drop(columns=["converged"]).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    recall, fdp, n_true, n_found = truth_metrics(adata, frame, args.fdr)
+    print(f"\nAgainst the simulated truth at FDR {args.fdr:g}: {n_found} discoveries, "
+          f"recall {recall:.3f} ({round(recall * n_true)}/{n_true} DE gene x cell type pairs), "
+          f"false discovery proportion {fdp:.3f}")
+    if not args.no_plot:
+        path = _demo_plot(frame, args.out_dir, args.fdr)
+        if path:
+            print(f"Volcano plot: {path}")
+    print(f"Total time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def truth_metrics(adata: Any, frame: pd.DataFrame, fdr: float = 0.05) -> tuple[float, float, int, int]:
+    """Recall and false discovery proportion of ``cls:trt`` calls against the simulation.
+
+    A true positive is a (gene, term) pair where the gene is simulated DE in the
+    term's cell type; any other discovery (padj < fdr) is false.
+
+    Returns
+    -------
+    recall, fdp : float
+    n_true, n_discoveries : int
+    """
+    var = adata.var
+    truth = {(str(g), str(ct)) for g, ct, de in zip(var_names_of(adata), var["de_celltype"], var["de"],
+                                                   strict=True) if de}
+    cell_type = frame["contrast"].str.extract(r"cls\[([^\]]+)\]", expand=False)
+    hit = frame["padj"].to_numpy() < fdr
+    is_true = np.array([(g, c) in truth for g, c in zip(frame["gene"], cell_type, strict=True)])
+    n_found = int(hit.sum())
+    tp = int((hit & is_true).sum())
+    recall = tp / len(truth) if truth else float("nan")
+    fdp = (n_found - tp) / n_found if n_found else 0.0
+    return recall, fdp, len(truth), n_found
+
+
+def var_names_of(adata: Any) -> list[str]:
+    """Gene names of an AnnData as strings."""
+    return [str(g) for g in adata.var_names]
+
+
+def _demo_plot(frame: pd.DataFrame, out_dir: str, alpha: float) -> str | None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("(matplotlib is not installed: no volcano plot)")
+        return None
+    from .plot import volcano
+
+    os.makedirs(out_dir, exist_ok=True)
+    fig = Figure(figsize=(6.5, 4.8))
+    ax = fig.subplots()
+    volcano(frame, ax=ax, alpha=alpha, label_top=8)
+    ax.set_title("flashmm demo: treatment effect within each cell type (cls:trt)")
+    path = os.path.join(out_dir, _DEMO_PNG)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# ------------------------------------------------------------------ main
+_COMMANDS = {"demo": _cmd_demo, "fit": _cmd_fit, "stats": _cmd_stats}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``flashmm`` command; returns the exit code (0 ok, 2 error).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (FlashmmError, ValueError, OSError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"flashmm: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
