@@ -115,7 +115,8 @@ def fit_variance_ratios(
         method = "newton"
         crit = DenseCriterion(red.ZRZ, red.ZRy[:, ok].T, red.yRy[ok],
                               red.ZRZ if reml else stats.ZZ, E, m)
-        start = None if start_ratios is None else np.broadcast_to(start_ratios, (G, k))[ok]
+        start = (_separate_component_starts(stats, red, ok, reml, m) if start_ratios is None
+                 else np.broadcast_to(start_ratios, (G, k))[ok])
         res = fit_ratios_dense(crit, start=start, tol=tol, maxiter=maxiter)
         ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
     top = np.isinf(ratios[:, 0]) if k == 1 else np.zeros(G, dtype=bool)
@@ -168,6 +169,22 @@ def _warn_not_converged(converged: np.ndarray, n_genes: int) -> None:
             ConvergenceWarning,
             stacklevel=3,
         )
+
+
+def _separate_component_starts(stats: SufficientStats, red: Reduced, ok: np.ndarray, reml: bool,
+                               m: float) -> np.ndarray:
+    """Starting ratios: each component fitted alone by the (cheap) eigen path."""
+    idx_comp = stats.component_index
+    starts = []
+    for i in range(len(stats.components)):
+        sel = np.flatnonzero(idx_comp == i)
+        lam, U = symmetric_eigh(red.ZRZ[np.ix_(sel, sel)])
+        w = U.T @ red.ZRy[sel][:, ok]
+        w[lam == 0.0] = 0.0
+        det = lam if reml else symmetric_eigh(stats.ZZ[np.ix_(sel, sel)])[0]
+        g = fit_ratio_eigen(EigenCriterion(lam, (w * w).T, red.yRy[ok], det, m), maxiter=20).g[:, 0]
+        starts.append(np.where(np.isfinite(g), np.minimum(g, 1e3), 0.1))
+    return np.column_stack(starts)
 
 
 def quadratic_form(red: Reduced, gdiag: np.ndarray, genes: np.ndarray) -> np.ndarray:

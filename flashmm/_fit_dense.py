@@ -131,6 +131,9 @@ def _projected_newton(crit: DenseCriterion, g: np.ndarray, tol: float, maxiter: 
         decrement = -np.sum(grad * step, axis=1)
         done = decrement < tol
         n_iter[idx] = it + 1
+        # inside the quadratic region: one last full Newton step polishes the
+        # estimate far below the criterion's own round-off (flat likelihoods)
+        g[idx[done]] = np.maximum(g[idx[done]] + step[done], 0.0)
         converged[idx[done]] = True
         active[idx[done]] = False
         todo = ~done

@@ -46,7 +46,8 @@ class ScoringResult:
     converged: np.ndarray  # (G,)
 
 
-def _score_and_fim(prob: ScoringProblem, theta: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _score_and_fim(prob: ScoringProblem, theta: np.ndarray,
+                   idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score, Fisher information and ``S = y'Py s`` at ``theta`` for genes ``idx``."""
     q, k = prob.E.shape
     s = theta[:, k]

@@ -84,7 +84,8 @@ def _pieces_dense(stats: SufficientStats, red: Reduced, ratios: np.ndarray, reml
 
 
 def _vgrad(stats: SufficientStats, ratios: np.ndarray, scale: np.ndarray,
-           cov_unscaled: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+           cov_unscaled: np.ndarray, L: np.ndarray,
+           eig_ZZ: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``v`` (G, r) and its gradient (G, r, k+1) for contrast rows ``L`` (r, p) or (G, r, p)."""
     G, k = ratios.shape
     Lg = np.broadcast_to(L, (G,) + L.shape[-2:])
@@ -94,7 +95,7 @@ def _vgrad(stats: SufficientStats, ratios: np.ndarray, scale: np.ndarray,
     grad[..., k] = v / scale[:, None]
     ZXWc = np.einsum("qa,gra->grq", stats.ZX, Wc)
     if k == 1:
-        mu, Qm = symmetric_eigh(stats.ZZ)
+        mu, Qm = eig_ZZ if eig_ZZ is not None else symmetric_eigh(stats.ZZ)
         rot = np.einsum("qj,grq->grj", Qm, ZXWc) / (1.0 + ratios[:, None, :1] * mu)
         grad[..., 0] = scale[:, None] * np.sum(rot * rot, axis=2)
     else:
@@ -118,14 +119,16 @@ def satterthwaite_df(stats: SufficientStats, red: Reduced, ratios: np.ndarray, s
     ok = np.flatnonzero(np.isfinite(scale) & np.all(np.isfinite(ratios), axis=1))
     if ok.size == 0:
         return out
-    block = max(1, 2_000_000 // max(1, stats.k_re * stats.k_re + stats.k_re * L.shape[-2]))
+    per_gene = stats.k_re * L.shape[-2] + (stats.k_re * stats.k_re if k > 1 else 0)
+    block = max(1, 4_000_000 // max(1, per_gene))
+    eig_ZZ = symmetric_eigh(stats.ZZ) if k == 1 else None
     for s0 in range(0, ok.size, block):
         idx = ok[s0:s0 + block]
         rat = ratios[idx]
         inf = info[idx] if info is not None else information_gs(
             stats, _red_subset(red, idx), rat, scale[idx], reml)
         Lb = L if L.ndim == 2 else L[idx]
-        v, grad = _vgrad(stats, rat, scale[idx], cov_unscaled[idx], Lb)
+        v, grad = _vgrad(stats, rat, scale[idx], cov_unscaled[idx], Lb, eig_ZZ)
         free = np.concatenate([rat > 0.0, np.ones((idx.size, 1), dtype=bool)], axis=1)
         inf = inf * (free[:, :, None] & free[:, None, :])
         inf[:, np.arange(k + 1), np.arange(k + 1)] += ~free

@@ -190,7 +190,7 @@ class GeneResults:
         frame = pd.DataFrame(sdf, index=names, columns=[
             "Coef.", "Std.Err.", stat, f"P>|{stat}|", f"[{alpha / 2}", f"{1 - alpha / 2}]"])
         for col in frame.columns:
-            frame[col] = ["%.3f" % x if np.isfinite(x) else "" for x in frame[col]]
+            frame[col] = [f"{x:.3f}" if np.isfinite(x) else "" for x in frame[col]]
         smry.add_df(frame, align="r")
         return smry
 

@@ -181,7 +181,11 @@ class MultiGeneMixedLMResults:
 
     def cov_params(self) -> np.ndarray:
         """Covariance of the fixed effects, array (genes, p, p)."""
-        return self._gls.cov_unscaled * self._fit.scale[:, None, None]
+        scale = self._fit.scale
+        top = getattr(self._fit, "top_vcomp", None)
+        if top is not None:  # h2 = 1: relative to the component variance (see _gls)
+            scale = np.where(np.isinf(self._fit.ratios[:, 0]), top, scale)
+        return self._gls.cov_unscaled * scale[:, None, None]
 
     @cached_property
     def bse_fe(self) -> pd.DataFrame:

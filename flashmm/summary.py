@@ -46,7 +46,7 @@ def fit_summary(res: MultiGeneMixedLMResults, alpha: float = 0.05, fdr: float = 
     formatted = table.copy().astype(object)
     formatted.iloc[:, 0] = [str(int(x)) for x in table.iloc[:, 0]]
     for col in table.columns[1:]:
-        formatted[col] = ["%.4g" % x if np.isfinite(x) else "" for x in table[col]]
+        formatted[col] = [f"{x:.4g}" if np.isfinite(x) else "" for x in table[col]]
     smry.add_df(formatted, align="r")
     vc = res.vcomp
     vtable = pd.DataFrame({
@@ -57,6 +57,6 @@ def fit_summary(res: MultiGeneMixedLMResults, alpha: float = 0.05, fdr: float = 
     vtable.loc["residual"] = [float(res.scale.median()), 0, np.nan]
     vformatted = vtable.astype(object)
     for col in vtable.columns:
-        vformatted[col] = ["%.4g" % x if np.isfinite(x) else "" for x in vtable[col]]
+        vformatted[col] = [f"{x:.4g}" if np.isfinite(x) else "" for x in vtable[col]]
     smry.add_df(vformatted, align="r")
     return smry

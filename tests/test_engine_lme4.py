@@ -111,7 +111,8 @@ def test_gls_at_lme4_variances(lme4_cells, model, method):
     se = lme4_ref(model, method, "se").to_numpy()
     pos = [stats.exog_names.index(r_to_patsy(c)) for c in coef.columns]
     b = est.fe_params[:, pos]
-    ours_se = np.sqrt(np.diagonal(est.cov_unscaled, axis1=1, axis2=2)[:, pos] * vc["residual"].to_numpy()[:, None])
+    resid = vc["residual"].to_numpy()[:, None]
+    ours_se = np.sqrt(np.diagonal(est.cov_unscaled, axis1=1, axis2=2)[:, pos] * resid)
     err_b = np.abs(b - coef.to_numpy()) / np.maximum(np.abs(coef.to_numpy()), 1e-2 * se)
     print(f"\n{model} {method} at lme4's variances: coef {err_b.max():.2e}, "
           f"se {np.max(np.abs(ours_se - se) / se):.2e}")
