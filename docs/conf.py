@@ -31,6 +31,11 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DOCS / "_scripts"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The generating scripts do many small dense eigen-decompositions; on a loaded
+# machine a multi-threaded BLAS oversubscribes the cores and makes them 10-30x
+# slower. One thread each keeps the build short (must be set before numpy loads).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import flashmm  # noqa: E402
 
@@ -143,18 +148,67 @@ def _write_api_members() -> None:
         path.write_text(text)
 
 
+def _fingerprint(script: str, extra: list[Path]) -> str:
+    """Hash of everything a generating script's output depends on."""
+    import hashlib
+
+    import numpy
+    import pandas
+    import scipy
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "flashmm").rglob("*.py")) + [DOCS / "_scripts" / script]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    for base in extra:
+        if base.is_dir():
+            for path in sorted(base.rglob("*")):
+                if path.is_file():
+                    st = path.stat()
+                    h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for mod in (numpy, scipy, pandas):
+        h.update(mod.__version__.encode())
+    try:
+        import statsmodels
+
+        h.update(statsmodels.__version__.encode())
+    except ImportError:
+        pass
+    return h.hexdigest()
+
+
 def _run_scripts(app) -> None:  # noqa: ANN001
-    """Run the generating scripts (tutorial, validation, performance)."""
+    """Run the generating scripts (tutorial, validation, performance).
+
+    The tutorial and the validation are cached in ``_generated/*.key``: they rerun
+    only when flashmm's sources, the script, the reference data or the versions of
+    numpy/scipy/pandas/statsmodels change. ``FLASHMM_DOCS_FORCE=1`` reruns them.
+    """
     out = DOCS / "_generated"
     out.mkdir(exist_ok=True)
     import performance
     import tutorial_runner
     import validation
 
-    for name, func in [("tutorial", tutorial_runner.main), ("validation", validation.main),
-                       ("performance", performance.main)]:
+    refs = [ROOT / "tests" / "reference", ROOT.parent / "shared" / "reference",
+            ROOT.parent / "shared" / "data" / "recla"]
+    jobs = [
+        ("tutorial", tutorial_runner.main, "tutorial.py", []),
+        ("validation", validation.main, "validation.py", refs),
+        ("performance", performance.main, "performance.py", [ROOT / "benchmarks" / "results"]),
+    ]
+    force = os.environ.get("FLASHMM_DOCS_FORCE", "") not in ("", "0")
+    for name, func, script, extra in jobs:
+        key_file = out / f"{name}.key"
+        key = _fingerprint(script, extra)
+        if name == "tutorial":
+            key += _fingerprint("tutorial_runner.py", [])
+        if not force and key_file.is_file() and key_file.read_text() == key:
+            print(f"[flashmm docs] {name}: up to date")
+            continue
         t0 = time.perf_counter()
         func(out)
+        key_file.write_text(key)
         print(f"[flashmm docs] {name}: {time.perf_counter() - t0:.1f} s")
 
 

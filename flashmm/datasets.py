@@ -448,7 +448,7 @@ def simulate_rnaseq(
     direction
         ``"up"``: beta ~ U(min_beta, max_beta), requires ``min_beta > 0``.
         ``"down"``: beta ~ U(min_beta, max_beta), requires ``max_beta < 0``.
-        ``"both"``: ``|beta|`` ~ U(|min_beta|, |max_beta|) with a random sign
+        ``"both"``: ``|beta| ~ U(|min_beta|, |max_beta|)`` with a random sign
         per gene, requires ``min_beta * max_beta > 0``.
     min_beta, max_beta
         Bounds of the log fold changes (``min_beta <= max_beta``; equality

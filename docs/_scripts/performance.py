@@ -68,8 +68,10 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
     figdir = Path(out) / "performance"
     figdir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    text: list[str] = [".. This file is written by docs/_scripts/performance.py at every build; do not edit.\n"]
-    cells_series: dict[str, list[tuple[float, float, str]]] = {}   # label -> (n_cells, s, note)
+    text: list[str] = [
+        ".. This file is written by docs/_scripts/performance.py at every build; do not edit.\n"
+    ]
+    cells_series: dict[str, list[tuple[float, float, str]]] = {}  # label -> (n_cells, s, note)
     genes_series: dict[str, list[tuple[float, float]]] = {}
     mem_panels: list[tuple[str, Any]] = []
 
@@ -84,22 +86,39 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
             d = stats["data"]
             rows = []
             for key in med:
-                label = "bare ``Y.T @ X``" if key == "bare" else f"``from_design``, chunk {key.split('chunk')[-1]}"
-                rows.append([label, f"{med[key]:.3g}", f"{ratio.get(key, 1.0):.3g}",
-                             f"{peak[key]:.0f}" if key in peak else ""])
-            text += ["Sufficient statistics\n---------------------\n",
-                     f"{d['n_cells']:,} cells x {d['n_genes']:,} genes, CSR with density {d.get('density', '?')},"
-                     f" {d.get('k_fe', '?')} fixed terms, {d.get('k_re', '?')} random levels. "
-                     f"Machine: {_machine(stats)}.\n",
-                     _table("One pass over the cells (median of the repeats)",
-                            ["variant", "seconds", "ratio to bare product", "peak MiB (tracemalloc)"], rows)]
+                label = (
+                    "bare ``Y.T @ X``"
+                    if key == "bare"
+                    else f"``from_design``, chunk {key.split('chunk')[-1]}"
+                )
+                rows.append(
+                    [
+                        label,
+                        f"{med[key]:.3g}",
+                        f"{ratio.get(key, 1.0):.3g}",
+                        f"{peak[key]:.0f}" if key in peak else "",
+                    ]
+                )
+            text += [
+                "Sufficient statistics\n---------------------\n",
+                f"{d['n_cells']:,} cells x {d['n_genes']:,} genes, CSR with density {d.get('density', '?')},"
+                f" {d.get('k_fe', '?')} fixed terms, {d.get('k_re', '?')} random levels. "
+                f"Machine: {_machine(stats)}.\n",
+                _table(
+                    "One pass over the cells (median of the repeats)",
+                    ["variant", "seconds", "ratio to bare product", "peak MiB (tracemalloc)"],
+                    rows,
+                ),
+            ]
             default = f"stats_chunk{stats.get('default_chunk_size', '')}"
             if default in med:
                 cells_series.setdefault("statistics, in process (default chunk)", []).append(
-                    (d["n_cells"], med[default], f"{d['n_genes']:,} genes"))
+                    (d["n_cells"], med[default], f"{d['n_genes']:,} genes")
+                )
             if "bare" in med:
                 cells_series.setdefault("bare sparse product Y.T @ X", []).append(
-                    (d["n_cells"], med["bare"], f"{d['n_genes']:,} genes"))
+                    (d["n_cells"], med["bare"], f"{d['n_genes']:,} genes")
+                )
             mem = stats.get("memory", {})
             if peak:
                 mem_panels.append(("stats", mem))
@@ -114,27 +133,51 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         try:
             d = fit["data"]
             rows = []
-            for key, label in [("one_component", f"one component ({d.get('one_component_q', '?')} samples)"),
-                               ("two_crossed", f"two crossed components (q = {d.get('two_crossed_q', '?')})")]:
+            for key, label in [
+                ("one_component", f"one component ({d.get('one_component_q', '?')} samples)"),
+                ("two_crossed", f"two crossed components (q = {d.get('two_crossed_q', '?')})"),
+            ]:
                 if key not in fit:
                     continue
                 r = fit[key]
-                rows.append([label, r.get("optimizer", ""), f"{r['fit_seconds_median']:.3g}",
-                             f"{r['per_gene_ms_median']:.3g}", f"{r.get('converged_fraction', float('nan')):.1%}",
-                             f"{r.get('boundary_fraction', float('nan')):.1%}",
-                             f"{r['satterthwaite_seconds_median']:.3g}" if "satterthwaite_seconds_median" in r
-                             else ""])
+                rows.append(
+                    [
+                        label,
+                        r.get("optimizer", ""),
+                        f"{r['fit_seconds_median']:.3g}",
+                        f"{r['per_gene_ms_median']:.3g}",
+                        f"{r.get('converged_fraction', float('nan')):.1%}",
+                        f"{r.get('boundary_fraction', float('nan')):.1%}",
+                        f"{r['satterthwaite_seconds_median']:.3g}"
+                        if "satterthwaite_seconds_median" in r
+                        else "",
+                    ]
+                )
                 genes_series.setdefault(f"fit, {label}", []).append((d["n_genes"], r["fit_seconds_median"]))
-            text += ["Fitting from the statistics\n---------------------------\n",
-                     f"{d['n_genes']:,} genes, {d['n_cells']:,} cells, {d.get('k_fe', '?')} fixed terms; "
-                     f"timed: {fit.get('timed', 'the fit')}. Machine: {_machine(fit)}.\n",
-                     _table("All genes at once (median of the repeats)",
-                            ["model", "optimiser", "seconds", "ms per gene", "converged", "at the boundary",
-                             "Satterthwaite df, all terms (s)"], rows)]
+            text += [
+                "Fitting from the statistics\n---------------------------\n",
+                f"{d['n_genes']:,} genes, {d['n_cells']:,} cells, {d.get('k_fe', '?')} fixed terms; "
+                f"timed: {fit.get('timed', 'the fit')}. Machine: {_machine(fit)}.\n",
+                _table(
+                    "All genes at once (median of the repeats)",
+                    [
+                        "model",
+                        "optimiser",
+                        "seconds",
+                        "ms per gene",
+                        "converged",
+                        "at the boundary",
+                        "Satterthwaite df, all terms (s)",
+                    ],
+                    rows,
+                ),
+            ]
             r_ref = fit.get("flashmm_R", {})
             if "seconds_per_gene" in r_ref:
-                text.append(f"\nR FLASHMM is quoted at {1e3 * r_ref['seconds_per_gene']:.3g} ms per gene "
-                            f"({r_ref.get('source', 'published figure')}).\n")
+                text.append(
+                    f"\nR FLASHMM is quoted at {1e3 * r_ref['seconds_per_gene']:.3g} ms per gene "
+                    f"({r_ref.get('source', 'published figure')}).\n"
+                )
         except (KeyError, TypeError) as err:
             notes.append(f"``fit.json`` has an unexpected layout ({err!r}); its table is skipped.")
 
@@ -146,18 +189,39 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         try:
             rows = []
             for r in dask["runs"]:
-                rows.append([f"{r['n_cells']:,}", f"{r['n_genes']:,}", f"{r['chunk_cells']:,}",
-                             f"{r['data_MiB']:.0f}", f"{r['memory_limit_MiB']:.0f}",
-                             f"{max(r['peak_rss_MiB']):.0f}", f"{r['wall_s']:.3g}"])
+                rows.append(
+                    [
+                        f"{r['n_cells']:,}",
+                        f"{r['n_genes']:,}",
+                        f"{r['chunk_cells']:,}",
+                        f"{r['data_MiB']:.0f}",
+                        f"{r['memory_limit_MiB']:.0f}",
+                        f"{max(r['peak_rss_MiB']):.0f}",
+                        f"{r['wall_s']:.3g}",
+                    ]
+                )
                 cells_series.setdefault(f"statistics with dask, chunk {r['chunk_cells']:,}", []).append(
-                    (r["n_cells"], r["wall_s"], f"{r['n_genes']:,} genes"))
+                    (r["n_cells"], r["wall_s"], f"{r['n_genes']:,} genes")
+                )
             meta = dask.get("meta", {})
-            text += ["Statistics with dask\n--------------------\n",
-                     f"{meta.get('description', '')}. Design: {meta.get('design', '?')}. "
-                     f"Machine: {_machine(dask)}.\n",
-                     _table("Peak resident memory per worker",
-                            ["cells", "genes", "cells per chunk", "data MiB", "worker limit MiB",
-                             "peak RSS MiB (max over workers)", "wall s"], rows)]
+            text += [
+                "Statistics with dask\n--------------------\n",
+                f"{meta.get('description', '')}. Design: {meta.get('design', '?')}. "
+                f"Machine: {_machine(dask)}.\n",
+                _table(
+                    "Peak resident memory per worker",
+                    [
+                        "cells",
+                        "genes",
+                        "cells per chunk",
+                        "data MiB",
+                        "worker limit MiB",
+                        "peak RSS MiB (max over workers)",
+                        "wall s",
+                    ],
+                    rows,
+                ),
+            ]
             mem_panels.append(("dask", dask["runs"]))
         except (KeyError, TypeError, ValueError) as err:
             notes.append(f"``dask_memory.json`` has an unexpected layout ({err!r}); its table is skipped.")
@@ -168,14 +232,26 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         notes.append(note)
     if atlas:
         try:
-            text += ["End to end on an atlas-sized file\n---------------------------------\n",
-                     _table("``flashmm fit`` on a backed .h5ad",
-                            ["cells", "genes", "file GB", "fit seconds", "peak RSS GB", "meets targets"],
-                            [[f"{atlas['n_cells']:,}", f"{atlas['n_genes']:,}", atlas.get("file_gb", ""),
-                              atlas["fit_seconds"], atlas.get("peak_rss_gb", ""),
-                              atlas.get("meets_targets", "")]])]
+            text += [
+                "End to end on an atlas-sized file\n---------------------------------\n",
+                _table(
+                    "``flashmm fit`` on a backed .h5ad",
+                    ["cells", "genes", "file GB", "fit seconds", "peak RSS GB", "meets targets"],
+                    [
+                        [
+                            f"{atlas['n_cells']:,}",
+                            f"{atlas['n_genes']:,}",
+                            atlas.get("file_gb", ""),
+                            atlas["fit_seconds"],
+                            atlas.get("peak_rss_gb", ""),
+                            atlas.get("meets_targets", ""),
+                        ]
+                    ],
+                ),
+            ]
             cells_series.setdefault("flashmm fit end to end (backed h5ad)", []).append(
-                (atlas["n_cells"], atlas["fit_seconds"], f"{atlas['n_genes']:,} genes"))
+                (atlas["n_cells"], atlas["fit_seconds"], f"{atlas['n_genes']:,} genes")
+            )
         except (KeyError, TypeError) as err:
             notes.append(f"``atlas.json`` has an unexpected layout ({err!r}); its table is skipped.")
 
@@ -190,7 +266,8 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
                 label = str(rec.get("label", path.stem))
                 if "n_cells" in rec:
                     cells_series.setdefault(label, []).append(
-                        (rec["n_cells"], rec["seconds"], f"{rec.get('n_genes', '?')} genes"))
+                        (rec["n_cells"], rec["seconds"], f"{rec.get('n_genes', '?')} genes")
+                    )
                 if "n_genes" in rec:
                     genes_series.setdefault(label, []).append((rec["n_genes"], rec["seconds"]))
             except (KeyError, TypeError):
@@ -223,7 +300,13 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         spg = (fit or {}).get("flashmm_R", {}).get("seconds_per_gene")
         if spg:
             xs = [100, xmax]
-            ax.plot(xs, [spg * x for x in xs], "--", color="0.5", label=f"R FLASHMM, {1e3 * spg:g} ms/gene (quoted)")
+            ax.plot(
+                xs,
+                [spg * x for x in xs],
+                "--",
+                color="0.5",
+                label=f"R FLASHMM, {1e3 * spg:g} ms/gene (quoted)",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("genes")
@@ -235,7 +318,7 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         figs.append(("Time against genes", "time_genes.png"))
     if mem_panels:
         fig, axes = plt.subplots(1, len(mem_panels), figsize=(5.2 * len(mem_panels), 3.8), squeeze=False)
-        for ax, (kind, data) in zip(axes[0], mem_panels):
+        for ax, (kind, data) in zip(axes[0], mem_panels, strict=True):
             if kind == "stats":
                 peak = {int(k.split("chunk")[-1]): v for k, v in data["peak_MiB"].items() if "chunk" in k}
                 xs = sorted(peak)
@@ -243,20 +326,33 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
                 if "input_csr_MiB" in data:
                     ax.axhline(data["input_csr_MiB"], ls=":", color="0.4", label="input CSR matrix")
                 if "dense_cells_x_genes_MiB" in data:
-                    ax.axhline(data["dense_cells_x_genes_MiB"], ls="--", color="tab:red",
-                               label="a dense copy of the data")
+                    ax.axhline(
+                        data["dense_cells_x_genes_MiB"],
+                        ls="--",
+                        color="tab:red",
+                        label="a dense copy of the data",
+                    )
                 ax.set_xlabel("cells per chunk")
                 ax.set_ylabel("MiB")
                 ax.set_title("Statistics in process")
             else:
                 for chunk in sorted({r["chunk_cells"] for r in data}):
-                    runs = sorted((r["n_cells"], max(r["peak_rss_MiB"])) for r in data if r["chunk_cells"] == chunk)
+                    runs = sorted(
+                        (r["n_cells"], max(r["peak_rss_MiB"])) for r in data if r["chunk_cells"] == chunk
+                    )
                     ax.plot([r[0] for r in runs], [r[1] for r in runs], "o-", label=f"chunk {chunk:,} cells")
                 ax.axhline(data[0]["memory_limit_MiB"], ls="--", color="tab:red", label="worker memory limit")
                 sizes = sorted({(r["n_cells"], r["data_MiB"]) for r in data})
                 for x, mib in sizes:
-                    ax.annotate(f"data {mib:,.0f} MiB", (x, data[0]["memory_limit_MiB"]), fontsize=6,
-                                xytext=(0, 4), textcoords="offset points", ha="center")
+                    ax.annotate(
+                        f"data {mib:,.0f} MiB",
+                        (x, data[0]["memory_limit_MiB"]),
+                        fontsize=6,
+                        xytext=(0, -10),
+                        textcoords="offset points",
+                        ha="center",
+                    )
+                ax.margins(x=0.15)
                 ax.set_xlabel("cells")
                 ax.set_ylabel("peak RSS per worker, MiB")
                 ax.set_title("Statistics with dask")
@@ -267,8 +363,10 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         figs.append(("Memory", "memory.png"))
     plt.close("all")
 
-    head = [".. This file is written by docs/_scripts/performance.py at every build; do not edit.\n",
-            "Plots\n-----\n"]
+    head = [
+        ".. This file is written by docs/_scripts/performance.py at every build; do not edit.\n",
+        "Plots\n-----\n",
+    ]
     if figs:
         for title, name in figs:
             head += [f"**{title}**\n", _fig(name, out)]

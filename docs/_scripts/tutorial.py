@@ -1,3 +1,4 @@
+# ruff: noqa: E402, I001
 # The tutorial of the flashmm documentation, run at every docs build by
 # tutorial_runner.py: each "# %% name" cell is shown in docs/tutorial.rst
 # together with what it printed. Keep it small: the whole file must run in a
@@ -63,7 +64,7 @@ print(table.sort_values("pvalue").head(8).to_string(index=False))
 # %% fdr
 hits = table[(table["padj"] < 0.05) & table["contrast"].isin(["C1", "C2", "C3"])]
 true = {(g, str(c)) for g, c in truth.loc[truth["de"], "de_celltype"].items()}
-found = set(zip(hits["gene"], hits["contrast"]))
+found = set(hits[["gene", "contrast"]].itertuples(index=False, name=None))
 print(f"{len(found)} discoveries at FDR 5%: {len(found & true)} true, "
       f"{len(found - true)} false; {len(true - found)} of {len(true)} DE genes missed")
 

@@ -115,7 +115,7 @@ def lme4_section() -> str:
                        for n in spec)
             df_rows.append([model, method, _e(e_df.max()), _e(float(np.median(e_df))), _e(e_ce),
                             _e(e_cdf), _e(e_p)])
-    header = ["model", "method", "genes", "coef", "SE", "variances", "residual", "llf: max |diff| (min)",
+    header = ["model", "method", "genes", "coef", "SE", "variances", "residual", "llf: max abs. diff (min)",
               "BLUPs", "boundary = singular"]
     text = _table("flashmm against lme4 (largest discrepancy over all genes and terms)", header, rows)
     text += "\n" + _table(
@@ -213,7 +213,7 @@ def flashmm_section() -> str:
             e_se = _rel(res.bse_fe[se.columns], se.to_numpy(), 0).max()
             ours = np.column_stack([res.vcomp.to_numpy(), res.scale.to_numpy()])
             e_th = _rel(ours, theta.to_numpy(), 1e-6).max()
-            extra = {"p (abs.)": "", "BLUPs": "", "se(theta)": ""}
+            extra = {"p (abs.)": "not stored", "BLUPs": "not stored", "se(theta)": "not stored"}
             if (FLASHMM_SIM / f"flashmm_{name}_p.csv").is_file():
                 p = ref(f"{name}_p")
                 extra["p (abs.)"] = _e(np.abs(res.pvalues[p.columns].to_numpy() - p.to_numpy()).max())
@@ -238,6 +238,51 @@ def flashmm_section() -> str:
 RECLA = ROOT.parent / "shared" / "data" / "recla"
 
 
+def _lmmlite_fits(method: str, names: list[str], kin, pheno, covar) -> tuple[dict, bool]:  # noqa: ANN001
+    """flashmm's fit of every phenotype: ``name -> (s_g, s, b, se_b, llf)``.
+
+    With :func:`flashmm.fit_kinship` (the kinship API) the llf is put on lmmlite's
+    scale with :func:`flashmm.kinship.lmmlite_loglik_offset`; without it, the
+    kinship enters as a random block ``L`` (``K = L L'``) and the llf stays in
+    lme4's convention.
+    """
+    from flashmm import MultiGeneMixedLM
+
+    reml = method == "REML"
+    fits: dict[str, tuple] = {}
+    try:
+        from flashmm import fit_kinship
+        from flashmm.kinship import lmmlite_loglik_offset
+    except ImportError:
+        fit_kinship = None
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        if fit_kinship is not None:
+            res = fit_kinship(pheno[names], covar, kin, reml=reml)
+            for name in names:
+                X = covar.to_numpy()[pheno[name].notna().to_numpy()]
+                off = lmmlite_loglik_offset(X.shape[0], X.shape[1], float(np.linalg.slogdet(X.T @ X)[1]),
+                                            reml=reml)
+                fits[name] = (float(res.vcomp.loc[name].iloc[0]), float(res.scale.loc[name]),
+                              res.fe_params.loc[name].to_numpy(), res.bse_fe.loc[name].to_numpy(),
+                              float(res.llf.loc[name]) + off)
+            return fits, True
+        patterns: dict[bytes, list[str]] = {}
+        for name in names:     # phenotypes observed on the same mice are fitted together
+            patterns.setdefault(pheno[name].notna().to_numpy().tobytes(), []).append(name)
+        for group in patterns.values():
+            keep = pheno[group[0]].notna().to_numpy()
+            w, V = np.linalg.eigh(kin.to_numpy()[np.ix_(keep, keep)])
+            L = V * np.sqrt(np.clip(w, 0, None))
+            res = MultiGeneMixedLM(pheno[group].to_numpy()[keep], covar.to_numpy()[keep],
+                                   exog_vc={"kinship": L}, gene_names=group).fit(reml=reml)
+            for i, name in enumerate(group):
+                fits[name] = (float(res.vcomp.iloc[i, 0]), float(res.scale.iloc[i]),
+                              res.fe_params.iloc[i].to_numpy(), res.bse_fe.iloc[i].to_numpy(),
+                              float(res.llf.iloc[i]))
+    return fits, False
+
+
 def lmmlite_section() -> str:
     files = {m: LMMLITE / f"lmmlite_{m.lower()}.csv" for m in ("REML", "ML")}
     files = {m: f for m, f in files.items() if f.is_file()}
@@ -246,40 +291,22 @@ def lmmlite_section() -> str:
                 "this checkout: the lmmlite row is skipped.*\n")
     if not RECLA.is_dir():
         return "*../shared/data/recla is not available: the lmmlite row is skipped.*\n"
-    from flashmm import MultiGeneMixedLM
-
     kin = pd.read_csv(RECLA / "kinship.csv", index_col=0)
     pheno = pd.read_csv(RECLA / "pheno.csv", index_col=0)
     covar = pd.read_csv(RECLA / "covar.csv", index_col=0)
     rows = []
+    api = False
     for method, path in files.items():
         ref = pd.read_csv(path).set_index("phenotype")
-        err = {"beta": [], "hsq": [], "sigmasq": []}
+        fits, api = _lmmlite_fits(method, list(ref.index), kin, pheno, covar)
+        err = {"beta": [], "hsq": [], "sigmasq": [], "llf": []}
         offsets: dict[int, list[float]] = {}
-        n_one, n_one_close = 0, 0
-        fits: dict[str, tuple] = {}
-        patterns: dict[bytes, list[str]] = {}
-        for name in ref.index:     # phenotypes observed on the same mice are fitted together
-            patterns.setdefault(pheno[name].notna().to_numpy().tobytes(), []).append(name)
-        for names in patterns.values():
-            keep = pheno[names[0]].notna().to_numpy()
-            K = kin.to_numpy()[np.ix_(keep, keep)]
-            w, V = np.linalg.eigh(K)
-            L = V * np.sqrt(np.clip(w, 0, None))      # K = L L': the kinship as a random block
-            X = covar.to_numpy()[keep]
-            with warnings.catch_warnings(), np.errstate(all="ignore"):
-                warnings.simplefilter("ignore")
-                res = MultiGeneMixedLM(pheno[names].to_numpy()[keep], X, exog_vc={"kinship": L},
-                                       gene_names=names).fit(reml=method == "REML")
-                for i, name in enumerate(names):
-                    fits[name] = (float(res.vcomp.iloc[i, 0]), float(res.scale.iloc[i]),
-                                  res.fe_params.iloc[i].to_numpy(), res.bse_fe.iloc[i].to_numpy(),
-                                  float(res.llf.iloc[i]))
+        n_one = n_one_close = 0
         for name in ref.index:
             sg, se, b, se_b, llf = fits[name]
             r = ref.loc[name]
             hsq = sg / (sg + se)
-            if r["hsq"] >= 1.0:          # residual variance 0: outside flashmm's parameter space
+            if r["hsq"] >= 1.0 and not api:   # residual variance 0: outside exog_vc's parameter space
                 n_one += 1
                 n_one_close += bool(np.isfinite(hsq) and hsq > 1 - 1e-4)
                 continue
@@ -290,25 +317,35 @@ def lmmlite_section() -> str:
             if method == "ML":       # lmmlite reports RSS / (n - p) as sigmasq even for ML
                 total *= r["n"] / (r["n"] - len(rb))
             err["sigmasq"].append(abs(total - r["sigmasq"]) / r["sigmasq"])
+            err["llf"].append(abs(llf - r["loglik"]))
             offsets.setdefault(int(r["n"]), []).append(llf - r["loglik"])
-        spread = max((max(v) - min(v) for v in offsets.values()), default=float("nan"))
-        rows.append([method, f"{len(ref) - n_one} / {len(ref)}", _e(max(err["beta"])),
-                     _e(max(err["hsq"])), _e(max(err["sigmasq"])), _e(spread),
-                     f"{n_one} ({n_one_close} within 1e-4)"])
-    header = ["method", "phenotypes compared", "coef (rel.)", "h2 (abs.)", "total variance (rel.)",
-              "llf offset: spread within equal n", "lmmlite h2 = 1: flashmm h2 > 1 - 1e-4"]
-    text = _table("flashmm against R/lmmlite on the recla mouse phenotypes (kinship as a random block)",
-                  header, rows)
-    return text + (
-        "\nThe kinship matrix ``K`` enters as a random block ``L`` with ``K = L L'`` "
-        "(``exog_vc={\"kinship\": L}``, ``groups=None``). lmmlite's log-likelihood differs from "
-        "flashmm's (lme4's) by a constant that depends only on the number of observations, so only "
-        "its spread among phenotypes with the same ``n`` is shown. Where lmmlite puts all the "
-        "variance in the kinship term (``h2 = 1``, residual variance 0), flashmm, whose residual "
-        "variance is positive by construction, can only approach it; those phenotypes are counted "
-        "separately. For ML fits lmmlite reports ``sigmasq`` as the weighted residual sum of squares "
-        "divided by ``n - p`` (not ``n``), so flashmm's ML total variance is scaled by ``n / (n - p)`` "
-        "before the comparison.\n")
+        if api:
+            llf_cell = _e(max(err["llf"]))
+        else:
+            llf_cell = "spread " + _e(max((max(v) - min(v) for v in offsets.values()), default=float("nan")))
+        n_boundary = int((ref["hsq"] >= 1.0).sum() + (ref["hsq"] <= 0.0).sum())
+        rows.append([method, f"{len(ref) - n_one} / {len(ref)}", str(n_boundary), _e(max(err["beta"])),
+                     _e(max(err["hsq"])), _e(max(err["sigmasq"])), llf_cell])
+    header = ["method", "phenotypes compared", "of which h2 = 0 or 1 in lmmlite", "coef (rel.)", "h2 (abs.)",
+              "total variance (rel.)", "llf (abs., lmmlite's scale)"]
+    how = ("``flashmm.fit_kinship`` (all phenotypes in one call, each on the mice where it was measured)"
+           if api else "the kinship as a random block ``L`` with ``K = L L'`` "
+           "(``exog_vc={\"kinship\": L}``, ``groups=None``)")
+    text = _table("flashmm against R/lmmlite on the recla mouse phenotypes", header, rows)
+    text += f"\nflashmm fits are made with {how}. "
+    if api:
+        text += ("lmmlite's log-likelihood drops constants and, for REML, adds ``log|X'X| / 2``; "
+                 "flashmm's is put on lmmlite's scale with "
+                 ":func:`flashmm.kinship.lmmlite_loglik_offset` before the comparison. ")
+    else:
+        text += ("lmmlite's log-likelihood differs from flashmm's (lme4's) by a constant that depends "
+                 "only on the individuals, so only its spread among phenotypes with the same ``n`` is "
+                 "shown; phenotypes where lmmlite puts all the variance in the kinship term "
+                 f"(``h2 = 1``) are left out ({n_one} of them). ")
+    text += ("For ML fits lmmlite reports ``sigmasq`` as the weighted residual sum of squares divided "
+             "by ``n - p`` (not ``n``), so flashmm's ML total variance is scaled by ``n / (n - p)`` "
+             "before the comparison.\n")
+    return text
 
 
 def main(out: Path) -> None:
