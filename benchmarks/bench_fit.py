@@ -34,21 +34,20 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import gc
 import io
 import json
-import os
-import platform
 import pstats
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info  # noqa: E402
 
 from flashmm import MultiGeneMixedLM  # noqa: E402
 from flashmm._design import build_design  # noqa: E402
@@ -56,29 +55,6 @@ from flashmm.stats import SufficientStats, accumulate, empty_partial  # noqa: E4
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fit.json"
 FLASHMM_R_SECONDS_PER_GENE = 3e-3   # published figure for FLASHMM (R); not run here
-
-
-def machine_info() -> dict:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def simulate_stats(n_cells: int, n_genes: int, crossed: bool, seed: int = 0,
@@ -124,8 +100,7 @@ def simulate_stats(n_cells: int, n_genes: int, crossed: bool, seed: int = 0,
 
 def fit_and_materialise(stats: SufficientStats):
     res = MultiGeneMixedLM.from_sufficient_stats(stats).fit()
-    res.fe_params
-    res.bse_fe
+    _ = (res.fe_params, res.bse_fe)   # lazily computed: materialise them
     return res
 
 
@@ -141,7 +116,7 @@ def time_fit(stats: SufficientStats, repeats: int, with_df: bool) -> dict:
         if with_df:
             gc.collect()
             t1 = time.perf_counter()
-            res.df_satterthwaite
+            _ = res.df_satterthwaite
             t2 = time.perf_counter()
             df_runs.append(t2 - t1)
             ratio_runs.append(df_runs[-1] / fit_runs[-1])
@@ -172,7 +147,7 @@ def profile(stats: SufficientStats, with_df: bool, top: int = 25) -> str:
     pr.enable()
     res = fit_and_materialise(stats)
     if with_df:
-        res.df_satterthwaite
+        _ = res.df_satterthwaite
     pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(top)

@@ -30,11 +30,8 @@ It prints a table and writes ``benchmarks/results/stats.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import resource
 import sys
 import time
@@ -42,10 +39,12 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import scipy
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info  # noqa: E402
 
 from flashmm._design import build_design  # noqa: E402
 from flashmm._endog import DEFAULT_CHUNK_CELLS  # noqa: E402
@@ -53,29 +52,6 @@ from flashmm.stats import SufficientStats  # noqa: E402
 
 MiB = 2**20
 RESULTS = Path(__file__).resolve().parent / "results" / "stats.json"
-
-
-def machine_info() -> dict:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def make_data(n_cells: int, n_genes: int, density: float, seed: int = 0):
@@ -158,7 +134,7 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in runs.items()}
     # per-repeat ratio (same repeat = same load), then its median
     ratio_runs = {
-        k: [s / b for s, b in zip(v, runs["bare"])] for k, v in runs.items() if k != "bare"
+        k: [s / b for s, b in zip(v, runs["bare"], strict=True)] for k, v in runs.items() if k != "bare"
     }
     ratios = {k: float(np.median(v)) for k, v in ratio_runs.items()}
 

@@ -112,10 +112,9 @@ class Design:
         )
 
 
-def _as_labels(values: Any, what: str, n: int) -> np.ndarray:
-    """Convert group-like labels to a 1-d array of strings, checking length."""
-    arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else values
-    arr = np.asarray(arr)
+def _label_array(values: Any, what: str, n: int) -> np.ndarray:
+    """Labels as a 1-d array, with one entry per cell (else a DesignError)."""
+    arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else np.asarray(values)
     if arr.ndim != 1:
         raise DesignError(f"{what} must be one-dimensional labels, got shape {arr.shape}.")
     if len(arr) != n:
@@ -123,6 +122,12 @@ def _as_labels(values: Any, what: str, n: int) -> np.ndarray:
             f"{what} has {len(arr)} entries but there are {n} cells; "
             "give one label per cell (row of endog)."
         )
+    return arr
+
+
+def _as_labels(values: Any, what: str, n: int) -> np.ndarray:
+    """Convert group-like labels to a 1-d array of strings, checking length."""
+    arr = _label_array(values, what, n)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise DesignError(
             f"{what} contains {int(np.sum(~np.isfinite(arr)))} missing (NaN) labels; "
@@ -472,14 +477,7 @@ def check_missing_option(missing: Any) -> str:
 
 def _bad_labels(values: Any, what: str, n: int) -> np.ndarray:
     """Cells whose label is missing (NaN, None or inf), after a length check."""
-    arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else np.asarray(values)
-    if arr.ndim != 1:
-        raise DesignError(f"{what} must be one-dimensional labels, got shape {arr.shape}.")
-    if len(arr) != n:
-        raise DesignError(
-            f"{what} has {len(arr)} entries but there are {n} cells; "
-            "give one label per cell (row of endog)."
-        )
+    arr = _label_array(values, what, n)
     if arr.dtype.kind in "fc":
         return ~np.isfinite(arr)
     if arr.dtype.kind == "O":

@@ -1,0 +1,36 @@
+"""Helpers shared by the benchmark scripts: machine description and timing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import scipy
+
+
+def machine_info() -> dict:
+    """Date, platform, CPU, core count, versions and the load at start."""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
