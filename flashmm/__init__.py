@@ -41,3 +41,7 @@ __all__ += ["write_results", "get_results_df", "datasets"]
 from .limma import DuplicateCorrelation, LimmaFit, duplicate_correlation, e_bayes, lm_fit  # noqa: E402
 
 __all__ += ["lm_fit", "duplicate_correlation", "e_bayes", "LimmaFit", "DuplicateCorrelation"]
+
+from .kinship import fit_kinship  # noqa: E402
+
+__all__ += ["fit_kinship"]

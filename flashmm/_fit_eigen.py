@@ -78,6 +78,19 @@ class EigenCriterion:
         f2 = self.m * (S2 / S - (S1 / S) ** 2) + L2
         return f, f1, f2
 
+    def value_top_form(self, g: np.ndarray) -> np.ndarray:
+        """Criterion at ``g`` (G,) with ``S(g) = sum_j w_j^2 / (lam_j (1 + g lam_j))``.
+
+        Exact where ``S_inf = 0`` (see :meth:`top_limit`) and free of the
+        cancellation of ``yRy - ...`` at large ``g``.
+        """
+        pos = self.lam > 0
+        lam = self.lam[pos]
+        with np.errstate(over="ignore", invalid="ignore"):
+            S = np.sum(self.w2[:, pos] / (lam * (1.0 + g[:, None] * lam)), axis=1)
+            S = np.maximum(S, np.finfo(float).tiny)
+            return self.m * np.log(S) + np.sum(np.log1p(g[:, None] * self.det_eigs), axis=1)
+
     def top_limit(self, rel_tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
         """Criterion and ``g S(g)`` in the limit ``g -> infinity`` (residual variance 0).
 
@@ -171,7 +184,14 @@ def fit_ratio_eigen(crit: EigenCriterion, tol: float = 1e-10, maxiter: int = 100
     # a legitimate boundary fit (h2 = 1, g = inf) only where that limit is finite
     # and at least as good as the interior; otherwise not converged
     f_top, _ = crit.top_limit()
-    at_top = np.isfinite(f_top) & (f_top <= f_best)
+    fin = np.isfinite(f_top)
+    if fin.any():  # near the top, S(g) in the cancellation-free form (S_inf = 0)
+        f_best = np.where(fin, np.where(at_zero, f_zero, crit.value_top_form(g)), f_best)
+    # the limit wins where the search ran to the top of the grid and the limit is
+    # no worse, or where it is clearly better (a flat criterion keeps g = 0)
+    ran_off = (t >= _LOG_G_GRID[-1] - 0.5) & ~at_zero
+    at_top = fin & ((ran_off & (f_top <= f_best))
+                    | (f_top < f_best - 1e-10 * np.maximum(1.0, np.abs(f_best))))
     converged &= ~(t >= _LOG_G_GRID[-1] - tol)
     g = np.where(at_top, np.inf, g)
     converged |= at_top

@@ -71,6 +71,15 @@ def _gls_eigen(stats: SufficientStats, g: np.ndarray) -> GLSEstimates:
         b[idx], cov[idx] = _solve_fixed(XHX, XHy)
         blup[idx] = (t * (V[idx] - b[idx] @ C.T)) @ Q.T
         condvar[idx] = t @ (Q * Q).T
+    top = np.flatnonzero(np.isinf(g))
+    if top.size:  # h2 = 1: the limit of g X'H^-1 X is C' diag(1/mu^2) C (Z spans R^n)
+        with np.errstate(divide="ignore"):
+            w = np.where(mu > 0, 1.0 / np.where(mu > 0, mu, 1.0) ** 2, np.nan)
+        XMX = np.broadcast_to((C.T * w) @ C, (top.size, p, p))
+        XMy = (V[top] * w) @ C
+        b[top], cov[top] = _solve_fixed(np.array(XMX), XMy)
+        # here cov_unscaled is relative to the component variance (scale = 0)
+        blup[top] = (_eigen_t(g[top], mu) * (V[top] - b[top] @ C.T)) @ Q.T
     logdet = np.sum(np.log(np.abs(1.0 + g[:, None] * mu)), axis=1)
     return GLSEstimates(b, cov, blup, logdet, condvar)
 

@@ -21,7 +21,13 @@ from ._errors import DataError, DesignError
 from .model import MultiGeneMixedLM
 from .results import MultiGeneMixedLMResults
 
-__all__ = ["fit_kinship", "fit_missing_patterns", "MissingPatternResults", "lmmlite_loglik_offset"]
+__all__ = [
+    "fit_kinship",
+    "fit_missing_patterns",
+    "results_at_heritability",
+    "MissingPatternResults",
+    "lmmlite_loglik_offset",
+]
 
 _MISSING = ("drop", "none")
 
@@ -71,6 +77,57 @@ def lmmlite_loglik_offset(n: int, p: int, logdet_XX: float, reml: bool = True) -
     if reml:
         return 0.5 * n * np.log(2 * np.pi / (n - p)) + 0.5 * (n - p) + 0.5 * logdet_XX
     return 0.5 * n * (1.0 + np.log(2 * np.pi / n))
+
+
+def results_at_heritability(model: MultiGeneMixedLM, h2: Any,
+                            reml: bool = True) -> MultiGeneMixedLMResults:
+    """Estimates at a given heritability, like lmmlite's ``getMLsoln`` / ``calcLL``.
+
+    ``s_g / s = h2 / (1 - h2)`` is fixed (per gene, or one value for all); the
+    coefficients, the residual variance and the log-likelihood (lme4
+    convention) are profiled as in the fit.  ``h2 = 1`` is the limit ``s = 0``.
+
+    Parameters
+    ----------
+    model : MultiGeneMixedLM
+        A model with one random component.
+    h2 : float or array_like (n_genes,)
+        Heritability in [0, 1].
+    reml : bool
+        REML (default) or ML profile.
+
+    Returns
+    -------
+    MultiGeneMixedLMResults
+        ``fe_params``, ``scale``, ``vcomp``, ``llf``, ... at ``h2``.
+    """
+    from ._engine import (
+        STATUS_OK,
+        EngineFit,
+        _degenerate_status,
+        _scale_and_llf,
+        _top_limit_fit,
+    )
+    from ._reduce import reduce_stats
+
+    stats = model.stats
+    if len(stats.components) != 1:
+        raise DesignError("results_at_heritability needs a model with one random component.")
+    G = stats.n_genes
+    h2 = np.broadcast_to(np.asarray(h2, dtype=np.float64), (G,)).copy()
+    if np.any(~np.isfinite(h2) | (h2 < 0) | (h2 > 1)):
+        raise ValueError("h2 must be in [0, 1].")
+    with np.errstate(divide="ignore"):
+        g = np.where(h2 >= 1.0, np.inf, h2 / np.where(h2 >= 1.0, 1.0, 1.0 - h2))
+    red = reduce_stats(stats)
+    status = _degenerate_status(stats, red)
+    ok = np.flatnonzero(status == STATUS_OK)
+    top = np.isinf(g)
+    scale, llf = _scale_and_llf(stats, red, np.where(top, 0.0, g)[:, None], reml, ok)
+    top_vcomp = _top_limit_fit(stats, red, reml, top, scale, llf) if top.any() else None
+    eng = EngineFit(g[:, None], scale, llf, status == STATUS_OK, np.zeros(G, dtype=np.int64),
+                    status.astype(str), reml, "fixed", None, top_vcomp)
+    return MultiGeneMixedLMResults(model, eng)
 
 
 def fit_missing_patterns(
@@ -145,11 +202,12 @@ def fit_missing_patterns(
     if missing == "none":
         if nan.any() or bad_x.any():
             cols = int(np.sum(nan.any(axis=0)))
+            xmsg = f"; {int(bad_x.sum())} rows have NaN or inf in exog" if bad_x.any() else ""
             raise DataError(
-                f"{cols} of {len(names)} responses have missing values (NaN) in "
-                f"{int(nan.any(axis=1).sum())} of {n} rows ({int(nan.sum())} values), and "
-                f"{int(bad_x.sum())} rows have NaN in exog; use missing='drop' to fit each "
-                "missing pattern on the rows it observes."
+                f"{cols} of {len(names)} responses (genes/phenotypes) have missing values "
+                f"(NaN) in {int(nan.any(axis=1).sum())} of {n} rows/cells ({int(nan.sum())} "
+                f"values){xmsg}; use missing='drop' to fit each missing pattern on the rows "
+                "it observes."
             )
     elif bad_x.any():
         warnings.warn(f"missing='drop': dropped {int(bad_x.sum())} of {n} rows with NaN or inf "

@@ -248,12 +248,14 @@ class MultiGeneMixedLMResults:
         if self._fit.se_theta is not None:
             return self._frame(self._fit.se_theta, cols)
         k = len(self.component_names)
-        J = _jacobian_to_variances(self._fit.ratios, self._fit.scale)   # d theta / d(g, s)
+        finite = np.where(np.isinf(self._fit.ratios), 0.0, self._fit.ratios)   # h2 = 1: NaN info
+        J = _jacobian_to_variances(finite, self._fit.scale)             # d theta / d(g, s)
         J[:, :, k] *= self._unit_scale[2][:, None]                      # information is per unit s
         cov_gs = _safe_inv(self._info)
         cov = J @ cov_gs @ np.swapaxes(J, 1, 2)
         se = np.sqrt(np.abs(np.diagonal(cov, axis1=1, axis2=2)))
         se[:, :k] = np.where(self._fit.ratios > 0, se[:, :k], np.nan)
+        se[np.any(np.isinf(self._fit.ratios), axis=1)] = np.nan
         return self._frame(se, cols)
 
     def vcomp_test(self) -> pd.DataFrame:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import os
 
-import numpy as np
-import pandas as pd
-import pytest
+# The matrices here are small (q, p < 300): one BLAS thread per process avoids
+# oversubscribing a 2-core machine (threaded eigh on 261 x 261 was 100x slower
+# under load). Set before numpy is imported by any test module.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE / "reference"
