@@ -89,14 +89,14 @@ def _vgrad(stats: SufficientStats, ratios: np.ndarray, scale: np.ndarray,
     """``v`` (G, r) and its gradient (G, r, k+1) for contrast rows ``L`` (r, p) or (G, r, p)."""
     G, k = ratios.shape
     Lg = np.broadcast_to(L, (G,) + L.shape[-2:])
-    Wc = np.einsum("gab,grb->gra", cov_unscaled, Lg)                # (X'H^-1X)^-1 c
-    v = scale[:, None] * np.einsum("grb,grb->gr", Lg, Wc)
+    Wc = L @ cov_unscaled                       # rows c'(X'H^-1X)^-1 (cov is symmetric)
+    v = scale[:, None] * np.sum(Lg * Wc, axis=2)
     grad = np.empty(v.shape + (k + 1,))
     grad[..., k] = v / scale[:, None]
-    ZXWc = np.einsum("qa,gra->grq", stats.ZX, Wc)
+    ZXWc = Wc @ stats.ZX.T                      # G x r x q
     if k == 1:
         mu, Qm = eig_ZZ if eig_ZZ is not None else symmetric_eigh(stats.ZZ)
-        rot = np.einsum("qj,grq->grj", Qm, ZXWc) / (1.0 + ratios[:, None, :1] * mu)
+        rot = (ZXWc @ Qm) / (1.0 + ratios[:, None, :1] * mu)
         grad[..., 0] = scale[:, None] * np.sum(rot * rot, axis=2)
     else:
         E = np.eye(k)[stats.component_index]
