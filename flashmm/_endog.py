@@ -185,8 +185,11 @@ def _csr_rows(mat: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
         return sp.csr_matrix(mat[start:stop], dtype=np.float64)
     ptr = mat.indptr[start:stop + 1]
     lo, hi = int(ptr[0]), int(ptr[-1])
-    return sp.csr_matrix((mat.data[lo:hi], mat.indices[lo:hi], ptr - lo),
-                         shape=(stop - start, mat.shape[1]), copy=False)
+    # assign the views directly: the constructor would copy ("prune") views of
+    # a much larger array, costing a full pass over the chunk
+    block = sp.csr_matrix((stop - start, mat.shape[1]), dtype=np.float64)
+    block.data, block.indices, block.indptr = mat.data[lo:hi], mat.indices[lo:hi], ptr - lo
+    return block
 
 
 def prepare_endog(endog: Any) -> Any:
@@ -244,13 +247,16 @@ def iter_chunks(
     chunk_size: int = DEFAULT_CHUNK_CELLS,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     gene_names: list[str] | None = None,
+    check_finite: bool = True,
 ) -> Iterator[tuple[int, int, np.ndarray | sp.csr_matrix]]:
     """Yield ``(start, stop, block)`` over consecutive chunks of cells.
 
     ``block`` is float64, dense or CSR, with the transform applied (to the stored
     values only for sparse input, so zeros stay zeros: transforms must map 0 to 0).
     Non-finite values, and negative values under a log transform, raise a
-    DataError naming the first offending gene.
+    DataError naming the first offending gene. With ``check_finite=False`` the
+    caller checks finiteness itself (cheaply, from the accumulated sums of
+    squares: see :func:`raise_nonfinite`).
     """
     n, _ = endog_shape(endog)
     if chunk_size < 1:
@@ -258,17 +264,19 @@ def iter_chunks(
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         block = _row_block(endog, start, stop)
-        yield start, stop, apply_transform(block, transform, gene_names)
+        yield start, stop, apply_transform(block, transform, gene_names, check_finite)
 
 
 def apply_transform(
     block: np.ndarray | sp.csr_matrix,
     transform: Callable[[np.ndarray], np.ndarray] | None,
     gene_names: list[str] | None = None,
+    check_finite: bool = True,
 ) -> np.ndarray | sp.csr_matrix:
     """Validate a block of values and apply the transform."""
     values = block.data if sp.issparse(block) else block
-    _check_finite(block, values, gene_names, "endog")
+    if check_finite:
+        _check_finite(block, values, gene_names, "endog")
     if transform is None:
         return block
     if np.any(values < 0):
@@ -282,6 +290,21 @@ def apply_transform(
         out.data = new
         return out
     return new
+
+
+def raise_nonfinite(block: np.ndarray | sp.csr_matrix, gene_names: list[str] | None,
+                    gene: str) -> None:
+    """Raise the error for a chunk after which a gene's sum of squares is not finite.
+
+    NaN or inf values make the sum of squares non-finite; so do finite values
+    too large to square and sum in float64, which get their own message.
+    """
+    values = block.data if sp.issparse(block) else block
+    _check_finite(block, values, gene_names, "endog")
+    raise DataError(
+        f"values too large: the sum of squares of gene {gene!r} overflows float64; "
+        "rescale the data."
+    )
 
 
 def _check_finite(block: Any, values: np.ndarray, gene_names: list[str] | None, what: str) -> None:

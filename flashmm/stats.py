@@ -25,6 +25,7 @@ from ._endog import (
     gene_names_of,
     iter_chunks,
     prepare_endog,
+    raise_nonfinite,
     resolve_transform,
 )
 from ._errors import StatsError
@@ -148,8 +149,11 @@ class SufficientStats:
         func, tname = resolve_transform(transform)
         endog = prepare_endog(endog)
         partial = empty_partial(design.k_fe, design.exog_re.shape[1], n_genes)
-        for start, stop, block in iter_chunks(endog, chunk_size, func, names):
+        for start, stop, block in iter_chunks(endog, chunk_size, func, names, check_finite=False):
             accumulate(partial, design.exog[start:stop], design.exog_re[start:stop], block)
+            finite = np.isfinite(partial["yy"])      # NaN/inf anywhere shows up here
+            if not finite.all():
+                raise_nonfinite(block, names, names[int(np.argmin(finite))])
             if progress is not None:
                 progress(stop - start)
         return cls.from_partial(partial, design, names, tname)

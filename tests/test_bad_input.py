@@ -483,3 +483,14 @@ def test_float32_input_equals_float64():
 def test_errors_are_valueerrors():
     for cls in (DesignError, DataError, StatsError, flashmm.FlashmmError):
         assert issubclass(cls, ValueError)
+
+
+def test_values_whose_squares_overflow_are_an_error():
+    """Finite but huge values (squares beyond float64) are refused, not summed to inf."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4), 10)
+    X = np.ones((40, 1))
+    Y = rng.normal(size=(40, 2))
+    Y[3, 1] = 1e200
+    with pytest.raises(DataError, match="too large.*gene1"):
+        MultiGeneMixedLM(Y, X, groups=groups)
