@@ -213,18 +213,34 @@ def prepare_endog(endog: Any) -> Any:
 
 def nonfinite_cells(endog: Any, chunk_size: int = DEFAULT_CHUNK_CELLS) -> np.ndarray:
     """Cells (rows) with at least one NaN or inf value, in one chunked pass."""
+    return _nonfinite_pattern(endog, chunk_size)[0]
+
+
+def _nonfinite_pattern(endog: Any, chunk_size: int = DEFAULT_CHUNK_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """Cells and genes with at least one NaN or inf value, in one chunked pass."""
     endog = prepare_endog(endog)
-    n, _ = endog_shape(endog)
+    n, n_genes = endog_shape(endog)
     bad = np.zeros(n, dtype=bool)
+    bad_genes = np.zeros(n_genes, dtype=bool)
     for start in range(0, n, max(1, int(chunk_size))):
         stop = min(n, start + chunk_size)
         block = _row_block(endog, start, stop)
         if sp.issparse(block):
             rows = np.repeat(np.arange(stop - start), np.diff(block.indptr))
-            bad[start + rows[~np.isfinite(block.data)]] = True
+            nonfinite = ~np.isfinite(block.data)
+            bad[start + rows[nonfinite]] = True
+            bad_genes[block.indices[nonfinite]] = True
         else:
-            bad[start:stop] = ~np.all(np.isfinite(block), axis=1)
-    return bad
+            nonfinite = ~np.isfinite(block)
+            bad[start:stop] = nonfinite.any(axis=1)
+            bad_genes |= nonfinite.any(axis=0)
+    return bad, bad_genes
+
+
+def describe_nonfinite(endog: Any, chunk_size: int = DEFAULT_CHUNK_CELLS) -> str:
+    """How many cells and genes hold NaN or inf (for error messages)."""
+    cells, genes = _nonfinite_pattern(endog, chunk_size)
+    return f"{int(genes.sum())} gene(s) have NaN or inf in {int(cells.sum())} cell(s)"
 
 
 def take_cells(endog: Any, rows: np.ndarray) -> Any:

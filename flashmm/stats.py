@@ -22,13 +22,14 @@ from ._endog import (
     DEFAULT_CHUNK_CELLS,
     Transform,
     check_orientation,
+    describe_nonfinite,
     gene_names_of,
     iter_chunks,
     prepare_endog,
     raise_nonfinite,
     resolve_transform,
 )
-from ._errors import StatsError
+from ._errors import DataError, StatsError
 from ._version import __version__
 
 __all__ = ["SufficientStats", "FILE_FORMAT", "FILE_VERSION"]
@@ -153,7 +154,14 @@ class SufficientStats:
             accumulate(partial, design.exog[start:stop], design.exog_re[start:stop], block)
             finite = np.isfinite(partial["yy"])      # NaN/inf anywhere shows up here
             if not finite.all():
-                raise_nonfinite(block, names, names[int(np.argmin(finite))])
+                try:
+                    raise_nonfinite(block, names, names[int(np.argmin(finite))])
+                except DataError as err:
+                    if "NaN or inf" not in str(err):
+                        raise
+                    raise DataError(f"{err} In all: {describe_nonfinite(endog, chunk_size)} "
+                                    "(flashmm.kinship.fit_missing_patterns fits each "
+                                    "missing pattern of the genes separately).") from None
             if progress is not None:
                 progress(stop - start)
         return cls.from_partial(partial, design, names, tname)

@@ -494,3 +494,12 @@ def test_values_whose_squares_overflow_are_an_error():
     Y[3, 1] = 1e200
     with pytest.raises(DataError, match="too large.*gene1"):
         MultiGeneMixedLM(Y, X, groups=groups)
+
+
+def test_nan_error_counts_cells_and_genes():
+    rng = np.random.default_rng(1)
+    Y = rng.normal(size=(40, 3))
+    Y[2, 1] = Y[5, 1] = np.nan
+    Y[7, 2] = np.inf
+    with pytest.raises(DataError, match=r"2 gene\(s\) have NaN or inf in 3 cell\(s\)"):
+        MultiGeneMixedLM(Y, np.ones((40, 1)), groups=np.repeat(np.arange(4), 10))
