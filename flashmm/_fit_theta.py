@@ -283,6 +283,7 @@ def minimise_theta(crit: ThetaCriterion, starts: list[float] | None = None, tol:
     best: ThetaFitResult | None = None
     for th0 in points:
         res = _projected_newton(crit, th0, tol, maxiter)
+        res = _escape_boundary(crit, res, tol, maxiter)
         if best is None:
             best = res
             continue
@@ -292,6 +293,53 @@ def minimise_theta(crit: ThetaCriterion, starts: list[float] | None = None, tol:
             getattr(best, name)[better] = getattr(res, name)[better]
     assert best is not None
     return best
+
+
+def _escape_boundary(crit: ThetaCriterion, res: ThetaFitResult, tol: float, maxiter: int,
+                     rounds: int = 3) -> ThetaFitResult:
+    """Leave boundary saddle points: try moving each bounded ``theta_j = 0`` inwards.
+
+    With a diagonal ``T`` the criterion is even in every ``theta_j``, so its
+    gradient vanishes at ``theta_j = 0`` even when 0 is a local maximum in
+    that direction; Newton cannot leave such a point by itself.  For every
+    gene with a bounded parameter at 0, the criterion is evaluated with that
+    parameter set to 1e-5, 1e-4, ..., 0.5, 1 and 2 (theta is a ratio of
+    standard deviations, so these are scale-free); Newton restarts from the best point
+    if it is lower, and the result is kept only if it improves the criterion.
+    """
+    bounded = np.flatnonzero(crit.st.bounded)
+    for _ in range(rounds):
+        at0 = res.theta[:, bounded] <= 1e-6
+        genes = np.flatnonzero(at0.any(axis=1))
+        if genes.size == 0:
+            break
+        sub = crit.subset(genes)
+        best_th = res.theta[genes].copy()
+        best_f = res.criterion[genes].copy()
+        for jj, j in enumerate(bounded):
+            rows = np.flatnonzero(at0[genes, jj])
+            if rows.size == 0:
+                continue
+            for v in (1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
+                trial = res.theta[genes[rows]].copy()
+                trial[:, j] = v
+                ft = sub.subset(rows).value(trial)
+                better = np.isfinite(ft) & (ft < best_f[rows] - 1e-12)
+                best_th[rows[better]] = trial[better]
+                best_f[rows[better]] = ft[better]
+        moved = np.flatnonzero(np.any(best_th != res.theta[genes], axis=1))
+        if moved.size == 0:
+            break
+        new = _projected_newton(sub.subset(moved), best_th[moved], tol, maxiter)
+        g = genes[moved]
+        take = new.criterion < res.criterion[g]
+        res.theta[g[take]] = new.theta[take]
+        res.criterion[g[take]] = new.criterion[take]
+        res.converged[g[take]] = new.converged[take]
+        res.n_iter[g[take]] += new.n_iter[take]
+        if not take.any():
+            break
+    return res
 
 
 def _projected_newton(crit: ThetaCriterion, theta: np.ndarray, tol: float, maxiter: int

@@ -33,7 +33,7 @@ from ._fit_theta import (
     varpar_information,
 )
 from ._reduce import reduce_stats
-from .gene import GeneResults
+from .gene import GeneResults, coefficient_table
 from .results import MultiGeneMixedLMResults
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def random_slopes_block(exog_re: Any, group_codes: np.ndarray, group_levels: lis
     block.eliminate_zeros()
     grp = tuple(g for g in group_levels for _ in range(r))
     col = tuple(names) * m
-    levels = tuple(f"{g}:{c}" for g, c in zip(grp, col))
+    levels = tuple(f"{g}:{c}" for g, c in zip(grp, col, strict=True))
     comp = RandomComponent(str(group_name), levels, grp, col)
     meta = {"names": names, "dim": r, "n_groups": m, "independent": bool(independent),
             "group_name": str(group_name)}
@@ -201,7 +201,7 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
     ratios[:, 0] = np.sum(theta[:, :1] ** 2, axis=1)
     for j, ci in enumerate(st.vc_components):
         ratios[:, ci] = theta[:, len(st.re_pairs) + j] ** 2
-    crit_full = ThetaCriterion(st, red.ZRZ, red.ZRy.T * c, red.yRy * c * c,
+    crit_full = ThetaCriterion(st, red.ZRZ, red.ZRy.T * c[:, None], red.yRy * c * c,
                                red.ZRZ if reml else stats.ZZ, m, reml)
     fit = ThetaEngineFit(ratios=ratios, scale=scale, llf=llf, converged=converged,
                          n_iter=n_iter, status=status.astype(str), reml=reml,
@@ -562,12 +562,7 @@ class RandomSlopesGeneResults(GeneResults):
         sdf = np.full((len(names), 6), np.nan)
         sdf[:p] = np.column_stack([b, se, t, pv, b - crit * se, b + crit * se])
         sdf[p:, 0] = cov
-        stat = "z" if normal else "t"
-        frame = pd.DataFrame(sdf, index=names, columns=[
-            "Coef.", "Std.Err.", stat, f"P>|{stat}|", f"[{alpha / 2}", f"{1 - alpha / 2}]"])
-        for col in frame.columns:
-            frame[col] = ["%.3f" % x if np.isfinite(x) else "" for x in frame[col]]
-        smry.add_df(frame, align="r")
+        smry.add_df(coefficient_table(sdf, names, bool(normal), alpha), align="r")
         return smry
 
 

@@ -186,16 +186,22 @@ class GeneResults:
         sdf[:p, 4], sdf[:p, 5] = b - crit * se, b + crit * se
         sdf[p:, 0] = parent.vcomp.iloc[self._pos].to_numpy()
         sdf[p:, 1] = np.sqrt(self.scale) * self.bse_re.to_numpy()
-        stat = "z" if normal.all() else "t"
-        frame = pd.DataFrame(sdf, index=names, columns=[
-            "Coef.", "Std.Err.", stat, f"P>|{stat}|", f"[{alpha / 2}", f"{1 - alpha / 2}]"])
-        for col in frame.columns:
-            frame[col] = [f"{x:.3f}" if np.isfinite(x) else "" for x in frame[col]]
-        smry.add_df(frame, align="r")
+        smry.add_df(coefficient_table(sdf, names, bool(normal.all()), alpha), align="r")
         return smry
 
     def __repr__(self) -> str:
         return f"<GeneResults {self.name!r}: {self.method}, converged={self.converged}>"
+
+
+def coefficient_table(values: np.ndarray, names: list[str], normal: bool,
+                      alpha: float) -> pd.DataFrame:
+    """statsmodels' coefficient block: 3-decimal strings, blanks for NaN."""
+    stat = "z" if normal else "t"
+    frame = pd.DataFrame(values, index=names, columns=[
+        "Coef.", "Std.Err.", stat, f"P>|{stat}|", f"[{alpha / 2}", f"{1 - alpha / 2}]"])
+    for col in frame.columns:
+        frame[col] = [f"{x:.3f}" if np.isfinite(x) else "" for x in frame[col]]
+    return frame
 
 
 def _n_groups(parent: MultiGeneMixedLMResults) -> int:
