@@ -322,15 +322,28 @@ def accumulate(partial: dict[str, np.ndarray], X: np.ndarray, Z: sp.csr_matrix,
                block: np.ndarray | sp.csr_matrix) -> None:
     """Add one chunk's ``X'Y``, ``Z'Y`` and ``sum y^2`` to ``partial`` in place."""
     if sp.issparse(block):
-        partial["XY"] += np.asarray(block.T @ X).T
+        block_t = _csc_transpose_view(block, block.data)
+        partial["XY"] += np.asarray(block_t @ X).T
         # CSR @ CSR: Z' as CSR avoids converting the (large) chunk to CSC
         partial["ZY"] += (Z.T.tocsr() @ block).toarray()
-        partial["yy"] += np.bincount(block.indices, weights=block.data * block.data,
-                                     minlength=block.shape[1])
+        squares_t = _csc_transpose_view(block, block.data * block.data)
+        partial["yy"] += squares_t @ np.ones(block.shape[0])
     else:
         partial["XY"] += X.T @ block
         partial["ZY"] += np.asarray(Z.T @ block)
         partial["yy"] += np.einsum("ij,ij->j", block, block)
+
+
+def _csc_transpose_view(block: sp.csr_matrix, data: np.ndarray) -> sp.csc_matrix:
+    """The transpose of a CSR block (with the given values) as CSC, sharing arrays.
+
+    scipy's constructors (``block.T`` included) copy index arrays that are views
+    of a larger matrix, a full extra pass over every chunk; assigning the
+    arrays directly keeps the views.
+    """
+    out = sp.csc_matrix((block.shape[1], block.shape[0]), dtype=np.float64)
+    out.data, out.indices, out.indptr = data, block.indices, block.indptr
+    return out
 
 
 def _component_key(components: Sequence[RandomComponent]) -> list[tuple[Any, ...]]:
