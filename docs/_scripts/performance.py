@@ -266,7 +266,8 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
                 label = str(rec.get("label", path.stem))
                 if "n_cells" in rec:
                     cells_series.setdefault(label, []).append(
-                        (rec["n_cells"], rec["seconds"], f"{rec.get('n_genes', '?')} genes")
+                        (rec["n_cells"], rec["seconds"],
+                         f"{rec['n_genes']} genes" if "n_genes" in rec else "")
                     )
                 if "n_genes" in rec:
                     genes_series.setdefault(label, []).append((rec["n_genes"], rec["seconds"]))
