@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._fit_eigen import RatioFit
+from ._newton import projected_newton
 
 __all__ = ["DenseCriterion", "fit_ratios_dense"]
 
@@ -67,7 +68,7 @@ class DenseCriterion:
         logdet = self._logdet(self.det_mat, np.sqrt(gd))
         return self.m * np.log(np.maximum(S, np.finfo(float).tiny)) + logdet
 
-    def derivatives(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def newton_terms(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``f``, gradient (G, k) and Hessian (G, k, k) at ``g``."""
         gd = g @ self.E.T
         G, q = gd.shape
@@ -107,75 +108,6 @@ def fit_ratios_dense(
     fval = np.empty(G)
     for s in range(0, G, block):
         idx = np.arange(s, min(G, s + block))
-        res = _projected_newton(crit.subset(idx), g0[idx], tol, maxiter)
-        out_g[idx], conv[idx], iters[idx], fval[idx] = res.g, res.converged, res.n_iter, res.criterion
+        res = projected_newton(crit.subset(idx), g0[idx], np.zeros(crit.k), tol, maxiter)
+        out_g[idx], conv[idx], iters[idx], fval[idx] = res.x, res.converged, res.n_iter, res.criterion
     return RatioFit(out_g, conv, iters, fval)
-
-
-def _projected_newton(crit: DenseCriterion, g: np.ndarray, tol: float, maxiter: int) -> RatioFit:
-    G, k = g.shape
-    g = np.maximum(g, 0.0)
-    converged = np.zeros(G, dtype=bool)
-    n_iter = np.zeros(G, dtype=np.int64)
-    fval = np.full(G, np.nan)
-    active = np.ones(G, dtype=bool)
-    for it in range(maxiter):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        sub = crit.subset(idx)
-        f, grad, hess = sub.derivatives(g[idx])
-        fval[idx] = f
-        held = (g[idx] <= 0.0) & (grad > 0.0)             # boundary, pushing outwards
-        step = _newton_direction(grad, hess, held)
-        decrement = -np.sum(grad * step, axis=1)
-        done = decrement < tol
-        n_iter[idx] = it + 1
-        # inside the quadratic region: one last full Newton step polishes the
-        # estimate far below the criterion's own round-off (flat likelihoods)
-        g[idx[done]] = np.maximum(g[idx[done]] + step[done], 0.0)
-        converged[idx[done]] = True
-        active[idx[done]] = False
-        todo = ~done
-        if not todo.any():
-            break
-        new_g, new_f = _line_search(sub.subset(np.flatnonzero(todo)), g[idx][todo],
-                                    step[todo], grad[todo], f[todo])
-        g[idx[todo]] = new_g
-        fval[idx[todo]] = new_f
-    return RatioFit(g, converged, n_iter, fval)
-
-
-def _newton_direction(grad: np.ndarray, hess: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """Newton step on the free components, with the Hessian made positive definite."""
-    G, k = grad.shape
-    free = ~held
-    H = hess * (free[:, :, None] & free[:, None, :])
-    H[:, np.arange(k), np.arange(k)] += held.astype(float)
-    vals, vecs = np.linalg.eigh(H)
-    floor = 1e-8 * np.maximum(np.max(np.abs(vals), axis=1, keepdims=True), 1e-300)
-    vals = np.maximum(np.abs(vals), floor)
-    rhs = np.where(free, -grad, 0.0)
-    step = np.einsum("gij,gj,gkj,gk->gi", vecs, 1.0 / vals, vecs, rhs)
-    return np.where(free, step, 0.0)
-
-
-def _line_search(crit: DenseCriterion, g: np.ndarray, step: np.ndarray, grad: np.ndarray,
-                 f: np.ndarray, max_halvings: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """Backtracking on the projected path ``max(g + alpha step, 0)`` (Armijo)."""
-    alpha = np.ones(g.shape[0])
-    new_g = g.copy()
-    new_f = f.copy()
-    pending = np.ones(g.shape[0], dtype=bool)
-    for _ in range(max_halvings):
-        idx = np.flatnonzero(pending)
-        if idx.size == 0:
-            break
-        trial = np.maximum(g[idx] + alpha[idx, None] * step[idx], 0.0)
-        ft = crit.subset(idx).value(trial)
-        ok = ft <= f[idx] + 1e-4 * np.sum(grad[idx] * (trial - g[idx]), axis=1)
-        new_g[idx[ok]] = trial[ok]
-        new_f[idx[ok]] = ft[ok]
-        pending[idx[ok]] = False
-        alpha[idx[~ok]] *= 0.5
-    return new_g, new_f

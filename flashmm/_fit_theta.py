@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ._design import RandomComponent
+from ._newton import projected_newton
 
 __all__ = [
     "ThetaStructure",
@@ -235,6 +236,11 @@ class ThetaCriterion:
         S = np.maximum(S, np.finfo(float).tiny)
         return self.m * np.log(S) + logdet, self.m * dS / S[:, None] + dld
 
+    def newton_terms(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Criterion, analytic gradient and finite-difference Hessian."""
+        f, grad = self.gradient(theta)
+        return f, grad, self.hessian(theta)
+
     def hessian(self, theta: np.ndarray, rel_step: float = 1e-5) -> np.ndarray:
         """Central difference of the analytic gradient, symmetrised (G, t, t)."""
         G, t = theta.shape
@@ -344,82 +350,8 @@ def _escape_boundary(crit: ThetaCriterion, res: ThetaFitResult, tol: float, maxi
 
 def _projected_newton(crit: ThetaCriterion, theta: np.ndarray, tol: float, maxiter: int
                       ) -> ThetaFitResult:
-    G, t = theta.shape
-    lower = crit.st.lower
-    theta = np.maximum(theta, lower)
-    converged = np.zeros(G, dtype=bool)
-    n_iter = np.zeros(G, dtype=np.int64)
-    fval = np.full(G, np.nan)
-    active = np.ones(G, dtype=bool)
-    for it in range(maxiter):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        sub = crit.subset(idx)
-        th = theta[idx]
-        f, grad = sub.gradient(th)
-        hess = sub.hessian(th)
-        fval[idx] = f
-        held = (th <= lower) & (grad > 0.0)
-        step = _newton_direction(grad, hess, held)
-        decrement = -np.sum(grad * step, axis=1)
-        done = decrement < tol
-        n_iter[idx] = it + 1
-        converged[idx[done]] = True
-        active[idx[done]] = False
-        todo = np.flatnonzero(~done)
-        if todo.size == 0:
-            break
-        new, newf, moved = _line_search(sub.subset(todo), th[todo], step[todo], grad[todo],
-                                        f[todo], lower)
-        theta[idx[todo]] = new
-        fval[idx[todo]] = newf
-        stuck = ~moved
-        # no decrease possible along the Newton direction: at the optimum up to round-off
-        converged[idx[todo[stuck]]] = decrement[todo[stuck]] < 1e-6
-        active[idx[todo[stuck]]] = False
-    return ThetaFitResult(theta, fval, converged, n_iter)
-
-
-def _newton_direction(grad: np.ndarray, hess: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """Newton step on the free parameters with the Hessian made positive definite."""
-    k = grad.shape[1]
-    free = ~held
-    H = hess * (free[:, :, None] & free[:, None, :])
-    H[:, np.arange(k), np.arange(k)] += held.astype(float)
-    H = np.where(np.isfinite(H), H, 0.0)
-    vals, vecs = np.linalg.eigh(H)
-    floor = 1e-8 * np.maximum(np.max(np.abs(vals), axis=1, keepdims=True), 1e-300)
-    vals = np.maximum(np.abs(vals), floor)
-    rhs = np.where(free, -grad, 0.0)
-    step = np.einsum("gij,gj,gkj,gk->gi", vecs, 1.0 / vals, vecs, rhs)
-    return np.where(free, step, 0.0)
-
-
-def _line_search(crit: ThetaCriterion, theta: np.ndarray, step: np.ndarray, grad: np.ndarray,
-                 f: np.ndarray, lower: np.ndarray, max_halvings: int = 50
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Armijo backtracking on the projected path ``max(theta + alpha step, lower)``."""
-    G = theta.shape[0]
-    alpha = np.ones(G)
-    new = theta.copy()
-    newf = f.copy()
-    pending = np.ones(G, dtype=bool)
-    moved = np.zeros(G, dtype=bool)
-    for _ in range(max_halvings):
-        idx = np.flatnonzero(pending)
-        if idx.size == 0:
-            break
-        trial = np.maximum(theta[idx] + alpha[idx, None] * step[idx], lower)
-        ft = crit.subset(idx).value(trial)
-        ok = np.isfinite(ft) & (ft <= f[idx] + 1e-4 * np.sum(grad[idx] * (trial - theta[idx]),
-                                                             axis=1))
-        new[idx[ok]] = trial[ok]
-        newf[idx[ok]] = ft[ok]
-        moved[idx[ok]] = True
-        pending[idx[ok]] = False
-        alpha[idx[~ok]] *= 0.5
-    return new, newf, moved
+    res = projected_newton(crit, theta, crit.st.lower, tol, maxiter)
+    return ThetaFitResult(res.x, res.criterion, res.converged, res.n_iter)
 
 
 # ---------------------------------------------------------------- GLS at theta
