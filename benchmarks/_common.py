@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -34,3 +35,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def save_result(path: Path, result: dict) -> None:
+    """Write a benchmark's JSON result (creating ``benchmarks/results``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")

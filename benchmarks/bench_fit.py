@@ -36,7 +36,6 @@ import argparse
 import cProfile
 import gc
 import io
-import json
 import pstats
 import sys
 import time
@@ -47,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info  # noqa: E402
+from _common import machine_info, save_result  # noqa: E402
 
 from flashmm import MultiGeneMixedLM  # noqa: E402
 from flashmm._design import build_design  # noqa: E402
@@ -222,9 +221,7 @@ def main() -> None:
         print(profile(stats2, with_df=False))
 
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        save_result(RESULTS, out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Run: ``python benchmarks/bench_scaling.py`` (a few minutes on 2 cores); medians 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import tracemalloc
@@ -28,7 +27,7 @@ import scipy.sparse as sp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info  # noqa: E402
+from _common import machine_info, save_result  # noqa: E402
 from bench_fit import simulate_stats  # noqa: E402
 
 from flashmm import MultiGeneMixedLM  # noqa: E402
@@ -103,9 +102,7 @@ def main() -> None:
                + sweep_genes(genes2, True, max(1, args.repeats - 1)))
     result = {"machine": machine_info(), "repeats": args.repeats, "scaling": records}
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2))
-        print(f"wrote {RESULTS}")
+        save_result(RESULTS, result)
 
 
 if __name__ == "__main__":

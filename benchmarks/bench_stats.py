@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import resource
 import sys
 import time
@@ -44,7 +43,7 @@ import scipy.sparse as sp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info  # noqa: E402
+from _common import machine_info, save_result  # noqa: E402
 
 from flashmm._design import build_design  # noqa: E402
 from flashmm._endog import DEFAULT_CHUNK_CELLS  # noqa: E402
@@ -184,9 +183,7 @@ def main() -> None:
     print(f"target stats/bare <= 2 at default chunk: "
           f"{'met' if out['target_met_default_chunk'] else 'MISSED'} ({ratios[default]:.2f})")
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        save_result(RESULTS, out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ The data flow, one module per step::
       -> results (results, gene, contrasts, summary)
 """
 
-from ._design import Design, RandomComponent
+from ._design import Design, RandomComponent, build_design, build_formula_design
 from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError
 from ._version import __version__
 from .contrasts import MultiGeneContrastResults, contrast_matrix
@@ -24,6 +24,8 @@ __all__ = [
     "GeneResults",
     "SufficientStats",
     "Design",
+    "build_design",
+    "build_formula_design",
     "RandomComponent",
     "contrast_matrix",
     "FlashmmError",

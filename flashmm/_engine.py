@@ -19,7 +19,7 @@ from ._fit_dense import DenseCriterion, fit_ratios_dense
 from ._fit_eigen import EigenCriterion, fit_ratio_eigen
 from ._fit_scoring import ScoringProblem, fisher_scoring
 from ._gls import logdet_ratio
-from ._reduce import Reduced, reduce_stats, symmetric_eigh
+from ._reduce import Reduced, reduce_stats
 from .stats import SufficientStats
 
 __all__ = ["EngineFit", "fit_variance_ratios", "STATUS_OK"]
@@ -104,11 +104,7 @@ def fit_variance_ratios(
         se_theta[ok] = np.sqrt(np.abs(np.diagonal(np.linalg.pinv(res.fim), axis1=1, axis2=2)))
     elif k == 1:
         method = "eigen"
-        lam, U = symmetric_eigh(red.ZRZ)
-        w = U.T @ red.ZRy[:, ok]
-        w[lam == 0.0] = 0.0
-        det = lam if reml else symmetric_eigh(stats.ZZ)[0]
-        crit = EigenCriterion(lam, (w * w).T, red.yRy[ok], det, m)
+        crit = EigenCriterion.from_matrices(red.ZRZ, red.ZRy[:, ok], red.yRy[ok], stats.ZZ, reml, m)
         res = fit_ratio_eigen(crit, tol=tol, maxiter=maxiter)
         ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
     else:
@@ -138,12 +134,9 @@ def _top_limit_fit(stats: SufficientStats, red: Reduced, reml: bool, top: np.nda
     Returns the variance of the component there (``lim g S(g) / m``), NaN elsewhere.
     """
     idx = np.flatnonzero(top)
-    lam, U = symmetric_eigh(red.ZRZ)
-    w = U.T @ red.ZRy[:, idx]
-    w[lam == 0.0] = 0.0
     m = red.n - red.p if reml else red.n
-    det = lam if reml else symmetric_eigh(stats.ZZ)[0]
-    f_top, cc = EigenCriterion(lam, (w * w).T, red.yRy[idx], det, m).top_limit()
+    crit = EigenCriterion.from_matrices(red.ZRZ, red.ZRy[:, idx], red.yRy[idx], stats.ZZ, reml, m)
+    f_top, cc = crit.top_limit()
     scale[idx] = 0.0
     llf[idx] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi / m)) + f_top
                        + (red.logdet_XX if reml else 0.0))
@@ -177,12 +170,10 @@ def _separate_component_starts(stats: SufficientStats, red: Reduced, ok: np.ndar
     idx_comp = stats.component_index
     starts = []
     for i in range(len(stats.components)):
-        sel = np.flatnonzero(idx_comp == i)
-        lam, U = symmetric_eigh(red.ZRZ[np.ix_(sel, sel)])
-        w = U.T @ red.ZRy[sel][:, ok]
-        w[lam == 0.0] = 0.0
-        det = lam if reml else symmetric_eigh(stats.ZZ[np.ix_(sel, sel)])[0]
-        g = fit_ratio_eigen(EigenCriterion(lam, (w * w).T, red.yRy[ok], det, m), maxiter=20).g[:, 0]
+        sel = np.ix_(idx_comp == i, idx_comp == i)
+        crit = EigenCriterion.from_matrices(red.ZRZ[sel], red.ZRy[idx_comp == i][:, ok], red.yRy[ok],
+                                            stats.ZZ[sel], reml, m)
+        g = fit_ratio_eigen(crit, maxiter=20).g[:, 0]
         starts.append(np.where(np.isfinite(g), np.minimum(g, 1e3), 0.1))
     return np.column_stack(starts)
 
@@ -206,12 +197,10 @@ def _quad_and_logdet(stats: SufficientStats, red: Reduced, ratios: np.ndarray, r
                      ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``S`` and the log-determinant term at the given ratios (genes ``ok``)."""
     if len(stats.components) == 1:
-        lam, U = symmetric_eigh(red.ZRZ)
-        w = U.T @ red.ZRy[:, ok]
-        g = ratios[ok, 0][:, None]
-        S = red.yRy[ok] - np.sum((w * w).T * g / (1.0 + g * lam), axis=1)
-        det = lam if reml else symmetric_eigh(stats.ZZ)[0]
-        return S, np.sum(np.log(np.abs(1.0 + g * det)), axis=1)
+        m = red.n - red.p if reml else red.n
+        crit = EigenCriterion.from_matrices(red.ZRZ, red.ZRy[:, ok], red.yRy[ok], stats.ZZ, reml, m)
+        g = ratios[ok, 0]
+        return crit.S(g), np.sum(np.log(np.abs(1.0 + g[:, None] * crit.det_eigs)), axis=1)
     gdiag = ratios[ok][:, stats.component_index]
     return quadratic_form(red, gdiag, ok), logdet_ratio(red.ZRZ if reml else stats.ZZ, gdiag)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._reduce import symmetric_eigh
+
 __all__ = ["EigenCriterion", "fit_ratio_eigen", "RatioFit"]
 
 _LOG_G_GRID = np.arange(-18.0, 18.01, 0.5)
@@ -47,6 +49,19 @@ class EigenCriterion:
     det_eigs: np.ndarray
     m: float
 
+    @classmethod
+    def from_matrices(cls, ZRZ: np.ndarray, ZRy: np.ndarray, yRy: np.ndarray, ZZ: np.ndarray,
+                      reml: bool, m: float) -> EigenCriterion:
+        """Rotate by the eigenvectors of ``ZRZ``; ``ZRy`` is q x G (genes as columns).
+
+        The determinant uses the eigenvalues of ``ZRZ`` (REML) or of ``ZZ`` (ML).
+        """
+        lam, U = symmetric_eigh(ZRZ)
+        w = U.T @ ZRy
+        w[lam == 0.0] = 0.0          # ZRy lies in the range of ZRZ: only round-off there
+        det = lam if reml else symmetric_eigh(ZZ)[0]
+        return cls(lam, (w * w).T, yRy, det, m)
+
     def S(self, g: np.ndarray) -> np.ndarray:
         """``y'Py * s`` at ratios ``g`` (shape (G,) or (G, K) for K trial values)."""
         g = np.asarray(g, dtype=float)
@@ -63,8 +78,8 @@ class EigenCriterion:
             return self.m * np.log(S) + np.sum(np.log1p(g[:, None] * self.det_eigs), axis=1)
         return self.m * np.log(S) + np.sum(np.log1p(g[:, :, None] * self.det_eigs), axis=2)
 
-    def derivatives(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``f``, ``df/dg`` and ``d2f/dg2`` at ``g`` (shape (G,))."""
+    def terms(self, g: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``S, S', S''`` and ``L, L', L''`` (``L`` the log-determinant) at ``g`` (G,)."""
         den = 1.0 + g[:, None] * self.lam
         S = np.maximum(self.yRy - np.sum(self.w2 * g[:, None] / den, axis=1), np.finfo(float).tiny)
         S1 = -np.sum(self.w2 / den**2, axis=1)
@@ -73,6 +88,11 @@ class EigenCriterion:
         L = np.sum(np.log(dd), axis=1)
         L1 = np.sum(self.det_eigs / dd, axis=1)
         L2 = -np.sum((self.det_eigs / dd) ** 2, axis=1)
+        return S, S1, S2, L, L1, L2
+
+    def derivatives(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``f``, ``df/dg`` and ``d2f/dg2`` at ``g`` (shape (G,))."""
+        S, S1, S2, L, L1, L2 = self.terms(g)
         f = self.m * np.log(S) + L
         f1 = self.m * S1 / S + L1
         f2 = self.m * (S2 / S - (S1 / S) ** 2) + L2

@@ -36,6 +36,14 @@ class Reduced:
     n: int
     p: int
 
+    def subset(self, genes: np.ndarray) -> Reduced:
+        """The same quantities for a subset of genes (positions or mask)."""
+        return Reduced(self.ZRZ, self.ZRy[:, genes], self.yRy[genes], self.logdet_XX, self.n, self.p)
+
+    def per_unit(self, c2: np.ndarray) -> Reduced:
+        """Every gene divided by ``sqrt(c2)`` (variances divided by ``c2``)."""
+        return Reduced(self.ZRZ, self.ZRy / np.sqrt(c2), self.yRy / c2, self.logdet_XX, self.n, self.p)
+
 
 def reduce_stats(stats: SufficientStats) -> Reduced:
     """Compute ZRZ, ZRy and yRy from the statistics (one q x p by p x G product)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._fit_eigen import EigenCriterion
 from ._reduce import Reduced, symmetric_eigh
 from .stats import SufficientStats
 
@@ -48,14 +49,10 @@ def information_gs(stats: SufficientStats, red: Reduced, ratios: np.ndarray, sca
 
 def _pieces_eigen(stats: SufficientStats, red: Reduced, g: np.ndarray, reml: bool
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lam, U = symmetric_eigh(red.ZRZ)
-    w2 = ((U.T @ red.ZRy) ** 2).T
-    den = 1.0 + g[:, None] * lam
-    a2 = np.sum(w2 / den**2, axis=1)
-    aBa = np.sum(lam * w2 / den**3, axis=1)
-    d = lam if reml else symmetric_eigh(stats.ZZ)[0]
-    BB = np.sum((d / (1.0 + g[:, None] * d)) ** 2, axis=1)
-    return a2, aBa, BB
+    """``||a||^2 = -S'``, ``a'Ba = S''/2`` and ``||B||_F^2 = -L''`` from the eigen path."""
+    crit = EigenCriterion.from_matrices(red.ZRZ, red.ZRy, red.yRy, stats.ZZ, reml, m=1.0)
+    _, S1, S2, _, _, L2 = crit.terms(g)
+    return -S1, 0.5 * S2, -L2
 
 
 def _pieces_dense(stats: SufficientStats, red: Reduced, ratios: np.ndarray, reml: bool
@@ -126,7 +123,7 @@ def satterthwaite_df(stats: SufficientStats, red: Reduced, ratios: np.ndarray, s
         idx = ok[s0:s0 + block]
         rat = ratios[idx]
         inf = info[idx] if info is not None else information_gs(
-            stats, _red_subset(red, idx), rat, scale[idx], reml)
+            stats, red.subset(idx), rat, scale[idx], reml)
         Lb = L if L.ndim == 2 else L[idx]
         v, grad = _vgrad(stats, rat, scale[idx], cov_unscaled[idx], Lb, eig_ZZ)
         free = np.concatenate([rat > 0.0, np.ones((idx.size, 1), dtype=bool)], axis=1)
@@ -138,7 +135,3 @@ def satterthwaite_df(stats: SufficientStats, red: Reduced, ratios: np.ndarray, s
         with np.errstate(divide="ignore", invalid="ignore"):
             out[idx] = 2.0 * v * v / denom
     return out
-
-
-def _red_subset(red: Reduced, idx: np.ndarray) -> Reduced:
-    return Reduced(red.ZRZ, red.ZRy[:, idx], red.yRy[idx], red.logdet_XX, red.n, red.p)

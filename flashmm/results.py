@@ -205,8 +205,7 @@ class MultiGeneMixedLMResults:
         scale = self._fit.scale
         c2 = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
         red = self._reduced
-        scaled = Reduced(red.ZRZ, red.ZRy / np.sqrt(c2), red.yRy / c2, red.logdet_XX, red.n, red.p)
-        return scaled, scale / c2, c2
+        return red.per_unit(c2), scale / c2, c2
 
     @cached_property
     def _info(self) -> np.ndarray:
@@ -215,8 +214,8 @@ class MultiGeneMixedLMResults:
         out = np.full((self.n_genes,) + (len(self.component_names) + 1,) * 2, np.nan)
         if ok.any():
             red, unit, _ = self._unit_scale
-            sub = Reduced(red.ZRZ, red.ZRy[:, ok], red.yRy[ok], red.logdet_XX, red.n, red.p)
-            out[ok] = information_gs(self.stats, sub, self._fit.ratios[ok], unit[ok], self.reml)
+            out[ok] = information_gs(self.stats, red.subset(ok), self._fit.ratios[ok], unit[ok],
+                                     self.reml)
         return out
 
     @cached_property
@@ -227,13 +226,11 @@ class MultiGeneMixedLMResults:
         a component at the boundary.
         """
         k = len(self.component_names)
-        info = self._info[:, :k, :k]
         with np.errstate(invalid="ignore"):
             # profile out the scale: the ratio block of the inverse information
             cov = _safe_inv(self._info)[:, :k, :k]
         se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
         se = np.where(self._fit.ratios > 0, se, np.nan)
-        del info
         return self._frame(se, [f"{c} Var" for c in self.component_names])
 
     @cached_property
@@ -514,10 +511,13 @@ class MultiGeneMixedLMResults:
         return fit_summary(self, alpha=alpha, fdr=fdr)
 
     def summary_frame(self) -> pd.DataFrame:
-        """Tidy table of every coefficient: gene, term, effect, se, t, df, pvalue, padj."""
-        return self.t_test(np.eye(self.k_fe)).summary_frame().assign(
-            contrast=lambda d: d["contrast"]
-        )
+        """Tidy table of every coefficient (``contrast`` holds the term name).
+
+        Columns as :meth:`MultiGeneContrastResults.summary_frame`; ``padj`` is
+        Benjamini-Hochberg within each term.
+        """
+        terms = pd.DataFrame(np.eye(self.k_fe), index=self.exog_names, columns=self.exog_names)
+        return self.t_test(terms).summary_frame()
 
     def __repr__(self) -> str:
         return (f"<MultiGeneMixedLMResults: {self.n_genes} genes, {self.nobs} cells, "

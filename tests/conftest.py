@@ -34,6 +34,20 @@ def lme4_cells() -> pd.DataFrame:
     return pd.read_csv(REFERENCE / "lme4_sim" / "cells.csv")
 
 
+LME4_FORMULA = "~ 0 + np.log(libsize) + cls + cls:trt"
+
+
+def fit_lme4_study(cells: pd.DataFrame, model: str, method: str, **fit_kw):  # noqa: ANN201
+    """flashmm's fit of the lme4 reference study: "1comp" (1 | sam) or "2comp" (+ (1 | loc))."""
+    from flashmm import MultiGeneMixedLM
+
+    genes = [c for c in cells.columns if c.startswith("g")]
+    vc = {"sam": "0 + C(sam)", "loc": "0 + C(loc)"} if model == "2comp" else None
+    mod = MultiGeneMixedLM.from_formula(LME4_FORMULA, cells, endog=cells[genes],
+                                        groups=None if vc else "sam", vc_formula=vc)
+    return mod.fit(reml=method == "REML", **fit_kw)
+
+
 def lme4_ref(model: str, method: str, what: str) -> pd.DataFrame:
     return pd.read_csv(REFERENCE / "lme4_sim" / f"lme4_{model}_{method}_{what}.csv", index_col=0)
 

@@ -19,28 +19,14 @@ than 1e-9) estimates are compared to 1e-3.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import lme4_ref, r_to_patsy
-
-from flashmm import MultiGeneMixedLM
-
-FORMULA = "~ 0 + np.log(libsize) + cls + cls:trt"
-
-
-def _fit(cells: pd.DataFrame, model: str, method: str):
-    genes = [c for c in cells.columns if c.startswith("g")]
-    vc = {"sam": "0 + C(sam)", "loc": "0 + C(loc)"} if model == "2comp" else None
-    groups = None if model == "2comp" else "sam"
-    mod = MultiGeneMixedLM.from_formula(FORMULA, cells, endog=cells[genes], groups=groups,
-                                        vc_formula=vc)
-    return mod.fit(reml=method == "REML")
+from conftest import fit_lme4_study, lme4_ref, r_to_patsy
 
 
 @pytest.mark.parametrize("model", ["1comp", "2comp"])
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_matches_lme4(lme4_cells, model, method):
-    res = _fit(lme4_cells, model, method)
+    res = fit_lme4_study(lme4_cells, model, method)
     coef = lme4_ref(model, method, "coef")
     order = [r_to_patsy(c) for c in coef.columns]
     se = lme4_ref(model, method, "se").to_numpy()
@@ -75,7 +61,7 @@ def test_matches_lme4(lme4_cells, model, method):
 @pytest.mark.parametrize("model", ["1comp", "2comp"])
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_blups_match_lme4(lme4_cells, model, method):
-    res = _fit(lme4_cells, model, method)
+    res = fit_lme4_study(lme4_cells, model, method)
     if model == "1comp":
         pairs = [("sam", "ranef", "condvar")]
     else:
@@ -101,7 +87,7 @@ def test_gls_at_lme4_variances(lme4_cells, model, method):
     """At lme4's variance estimates, flashmm's coefficients and SEs are lme4's."""
     from flashmm._gls import gls_estimates
 
-    res = _fit(lme4_cells, model, method)
+    res = fit_lme4_study(lme4_cells, model, method)
     stats = res.stats
     vc = lme4_ref(model, method, "vc")
     comps = [c.name for c in stats.components]

@@ -5,19 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import lme4_ref, r_to_patsy, simulate_study
+from conftest import fit_lme4_study, lme4_ref, r_to_patsy, simulate_study
 
 from flashmm import MultiGeneMixedLM
-
-FORMULA = "~ 0 + np.log(libsize) + cls + cls:trt"
-
-
-def _lme4_fit(cells, model, method, **kw):
-    genes = [c for c in cells.columns if c.startswith("g")]
-    vc = {"sam": "0 + C(sam)", "loc": "0 + C(loc)"} if model == "2comp" else None
-    mod = MultiGeneMixedLM.from_formula(FORMULA, cells, endog=cells[genes],
-                                        groups=None if vc else "sam", vc_formula=vc)
-    return mod.fit(reml=method == "REML", **kw)
 
 
 @pytest.mark.parametrize("model", ["1comp", "2comp"])
@@ -25,7 +15,7 @@ def _lme4_fit(cells, model, method, **kw):
 def test_satterthwaite_matches_lmertest(lme4_cells, model, method):
     """df within 2e-3 relative of lmerTest (issue); lmerTest's numerical
     derivatives are good to ~1e-6, which is what we actually see."""
-    res = _lme4_fit(lme4_cells, model, method)
+    res = fit_lme4_study(lme4_cells, model, method)
     ref = lme4_ref(model, method, "df")
     ours = res.df_satterthwaite[[r_to_patsy(c) for c in ref.columns]].to_numpy()
     rel = np.abs(ours - ref.to_numpy()) / ref.to_numpy()
@@ -43,7 +33,7 @@ def test_satterthwaite_matches_lmertest(lme4_cells, model, method):
 
 
 def test_contrast_forms_agree(lme4_cells):
-    res = _lme4_fit(lme4_cells, "1comp", "REML")
+    res = fit_lme4_study(lme4_cells, "1comp", "REML")
     names = res.exog_names
     i, j = names.index("cls[c1]:trt[T.B]"), names.index("cls[c2]:trt[T.B]")
     vec = np.zeros(len(names))
@@ -67,7 +57,7 @@ def test_contrast_forms_agree(lme4_cells):
 def test_conf_int_uses_test_df(lme4_cells):
     from scipy import stats
 
-    res = _lme4_fit(lme4_cells, "1comp", "REML")
+    res = fit_lme4_study(lme4_cells, "1comp", "REML")
     ci = res.conf_int(0.05)
     assert list(ci.columns) == ["gene", "term", "lower", "upper"]
     b = res.fe_params.to_numpy().ravel()
@@ -77,7 +67,7 @@ def test_conf_int_uses_test_df(lme4_cells):
 
 
 def test_wald_test_single_row_equals_t_squared(lme4_cells):
-    res = _lme4_fit(lme4_cells, "1comp", "REML")
+    res = fit_lme4_study(lme4_cells, "1comp", "REML")
     c = "cls[c1]:trt[T.B] - cls[c2]:trt[T.B]"
     w = res.wald_test(c)
     t = res.t_test(c)
@@ -115,7 +105,7 @@ def test_gene_summary_equals_statsmodels():
 
 
 def test_fit_summary_object(lme4_cells):
-    res = _lme4_fit(lme4_cells, "2comp", "REML")
+    res = fit_lme4_study(lme4_cells, "2comp", "REML")
     smry = res.summary()
     text = smry.as_text()
     assert "Genes converged" in text and "Genes at boundary" in text
@@ -125,8 +115,8 @@ def test_fit_summary_object(lme4_cells):
 
 
 def test_vcomp_tests_icc_and_lr(lme4_cells):
-    full = _lme4_fit(lme4_cells, "2comp", "ML")
-    one = _lme4_fit(lme4_cells, "1comp", "ML")
+    full = fit_lme4_study(lme4_cells, "2comp", "ML")
+    one = fit_lme4_study(lme4_cells, "1comp", "ML")
     icc = full.icc
     assert np.all((icc.to_numpy() >= 0) & (icc.to_numpy() <= 1))
     lr = full.compare_lr_test(one)
@@ -137,7 +127,7 @@ def test_vcomp_tests_icc_and_lr(lme4_cells):
     assert np.allclose(lr["statistic"].to_numpy()[at0], 0, atol=1e-6)
     pz = full.vcomp_test()
     assert np.all(pz.to_numpy()[full.vcomp.to_numpy() == 0] == 1)
-    reml = _lme4_fit(lme4_cells, "2comp", "REML")
+    reml = fit_lme4_study(lme4_cells, "2comp", "REML")
     with pytest.raises(ValueError, match="REML"):
         reml.compare_lr_test(one)
 
