@@ -8,34 +8,45 @@ block-diagonal relative covariance factor
 where ``T`` is the r x r lower-triangular factor of the per-group covariance
 ``Psi / s = T T'`` (r(r+1)/2 parameters stored column by column, as lme4's
 ``theta``; only the diagonal with ``independent_re=True``) and the ``sqrt(g_i)``
-are the variance components.  ``Lambda`` is linear in ``theta``: every entry is
-one ``theta_j`` or 0, so ``Lambda = sum_j theta_j Lambda_j`` with 0/1 patterns
-``Lambda_j`` of disjoint support.
+are the variance components.  ``Lambda`` is linear in ``theta``.
 
-Profiled criterion (``-2 log L`` up to constants), with ``r = ZRy``:
+Structure.  The columns of ``Z`` are arranged in m *group blocks* of s slots:
+the r random effects of the group, then the columns of the variance
+components nested in that group (statsmodels' ``vc_formula``), padded with
+empty slots; components that are not nested form a *global* block of d
+columns.  ``Z'Z`` is then block diagonal in the group blocks plus the global
+rows and columns (:class:`BlockZZ`), and so is ``M = I + Lambda' Z'Z Lambda``:
+its factorisation (:class:`MFactor`) is m s x s factorisations plus a d x d
+Schur complement.  Every quantity below is computed block by block, so the
+cost per gene and iteration is ``O(m s^2 (s + d + p) + d^3)``: linear in the
+number of groups.
 
-    M_W = I + Lambda' W Lambda,  W = ZRZ (REML) or ZZ (ML),  m = n - p or n
-    S   = yRy - r' Lambda M_R^-1 Lambda' r,   M_R = I + Lambda' ZRZ Lambda
-    f   = m log S + log|M_W|
+Profiled criterion (``-2 log L`` up to constants).  With ``H = I + Z Lambda
+Lambda' Z'``, solved through ``M``:
 
-and its gradient, with ``u = M_R^-1 Lambda' r``, ``a = r - ZRZ Lambda u`` and
-``P = W Lambda M_W^-1``:
+    y'H^-1y = yy - ZY' Lambda M^-1 Lambda' ZY,   X'H^-1y, X'H^-1X likewise
+    S = y'H^-1y - (X'H^-1y)' (X'H^-1X)^-1 (X'H^-1y)
+    f = m log S + log|M| (+ log|X'H^-1X| for REML),   m = n - p (REML) or n (ML)
 
-    dS/dtheta_j      = -2 sum_{(k,l) in supp Lambda_j} a_k u_l
-    dlog|M_W|/dtheta_j = 2 sum_{(k,l) in supp Lambda_j} P_kl
+Gradient (``Lambda = sum_j theta_j Lambda_j`` with 0/1 patterns of disjoint
+support), with ``b`` the GLS estimate, ``u = M^-1 Lambda' (ZY - ZX b)``,
+``a = ZY - ZX b - ZZ Lambda u``, ``U = M^-1 Lambda' ZX``,
+``E = ZX - ZZ Lambda U`` and ``C = (X'H^-1X)^-1``:
 
-The Hessian is the central difference of this analytic gradient.  All genes are
-optimised at once (projected Newton with an Armijo line search on the bounds
-``theta_diag >= 0``, lme4's lower bounds), from several starting points.
+    dS/dtheta_j          = -2 sum_{(k,l) in supp Lambda_j} a_k u_l
+    dlog|M|/dtheta_j     =  2 sum_{(k,l) in supp Lambda_j} (ZZ Lambda M^-1)_kl
+    dlog|X'H^-1X|/dtheta_j = -2 sum_{(k,l) in supp Lambda_j} (E C U')_kl
 
-Cost: every evaluation forms and factorises a dense q x q matrix per gene, so
-one iteration is O(G q^3) (q = m r + sum d_i).  This is meant for a moderate
-number of random effects (tens to a few hundred; sleepstudy: q = 36).
+Every support lies inside one block, so only the diagonal blocks of ``M^-1``
+are needed (selected inversion).  The Hessian is the central difference of
+the analytic gradient.  All genes are optimised at once (projected Newton with
+an Armijo line search on the bounds ``theta_diag >= 0``, lme4's lower bounds),
+from several starting points.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,50 +56,56 @@ from ._newton import projected_newton
 
 __all__ = [
     "ThetaStructure",
+    "BlockZZ",
+    "MFactor",
     "ThetaCriterion",
     "ThetaFitResult",
+    "ThetaGLS",
     "theta_structure",
     "minimise_theta",
     "gls_theta",
+    "condcov_groups",
     "satterthwaite_theta",
+    "varpar_information",
 ]
 
 
+# ------------------------------------------------------------------ layout
 @dataclass
 class ThetaStructure:
-    """Where every ``theta_j`` sits in ``Lambda`` (shared by all genes).
+    """Where every column of ``Z`` and every ``theta_j`` sits (shared by all genes).
 
     Attributes
     ----------
     q : int
         Number of random effects (columns of Z).
-    rows, cols, pidx : ndarray
-        Non-zero pattern of ``Lambda``: entry ``(rows[i], cols[i])`` equals
-        ``theta[pidx[i]]``.
-    lower : ndarray, shape (t,)
-        Lower bound of each ``theta_j`` (0 for standard deviations, -inf otherwise).
     re_dim : int
         r, the number of correlated random effects per group.
     re_pairs : list of (int, int)
         ``(a, b)`` position in ``T`` of the first ``len(re_pairs)`` thetas.
+    lower : ndarray, shape (t,)
+        Lower bound of each ``theta_j`` (0 for standard deviations, -inf otherwise).
     vc_components : list of int
         For every variance component (after the random-slope block): its index
         among the model's components; its theta follows the T entries.
+    slot_cols : ndarray of int, shape (m, s)
+        Column of Z in every slot of every group block (-1: empty slot).  The
+        first r slots of group g are its random effects.
+    slot_theta : ndarray of int, shape (m, s)
+        theta index of the nested variance-component slots (-1 elsewhere).
+    glob_cols, glob_theta : ndarray of int, shape (d,)
+        Columns of the components that are not nested, and their theta index.
     """
 
     q: int
-    rows: np.ndarray
-    cols: np.ndarray
-    pidx: np.ndarray
-    lower: np.ndarray
     re_dim: int
     re_pairs: list[tuple[int, int]]
+    lower: np.ndarray
     vc_components: list[int]
-    onehot: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.onehot = np.zeros((self.pidx.size, self.n_theta))
-        self.onehot[np.arange(self.pidx.size), self.pidx] = 1.0
+    slot_cols: np.ndarray
+    slot_theta: np.ndarray
+    glob_cols: np.ndarray
+    glob_theta: np.ndarray
 
     @property
     def n_theta(self) -> int:
@@ -96,15 +113,24 @@ class ThetaStructure:
         return self.lower.size
 
     @property
+    def n_pairs(self) -> int:
+        """Number of parameters in ``T``."""
+        return len(self.re_pairs)
+
+    @property
     def bounded(self) -> np.ndarray:
         """Mask of the parameters bounded below by 0."""
         return np.isfinite(self.lower)
 
-    def lam(self, theta: np.ndarray) -> np.ndarray:
-        """Dense ``Lambda`` per gene, shape (G, q, q)."""
-        out = np.zeros((theta.shape[0], self.q, self.q))
-        out[:, self.rows, self.cols] = theta[:, self.pidx]
-        return out
+    @property
+    def n_groups(self) -> int:
+        """m, the number of group blocks."""
+        return self.slot_cols.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        """s, slots per group block."""
+        return self.slot_cols.shape[1]
 
     def tfactor(self, theta: np.ndarray) -> np.ndarray:
         """The r x r factor ``T`` per gene, shape (G, r, r)."""
@@ -120,13 +146,72 @@ class ThetaStructure:
         for j, (a, b) in enumerate(self.re_pairs):
             if a == b:
                 th[:, j] = value
-        th[:, len(self.re_pairs):] = value
+        th[:, self.n_pairs:] = value
         return th
 
+    def lam(self, theta: np.ndarray) -> Lambda:
+        """``Lambda`` of every gene in block form."""
+        T = self.tfactor(theta)
+        s, r = self.block_size, self.re_dim
+        if s == r:
+            blocks = T[:, None]                           # the same T in every group
+        else:
+            blocks = np.zeros((theta.shape[0], self.n_groups, s, s))
+            blocks[:, :, :r, :r] = T[:, None]
+            gi, ki = np.nonzero(self.slot_theta >= 0)
+            blocks[:, gi, ki, ki] = theta[:, self.slot_theta[gi, ki]]
+        return Lambda(blocks, theta[:, self.glob_theta])
 
-def theta_structure(components: tuple[RandomComponent, ...], re_dim: int,
-                    independent: bool) -> ThetaStructure:
-    """Build the ``Lambda`` pattern: component 0 is the random-slope block.
+    def collect(self, tsum: np.ndarray, slot_diag: np.ndarray, glob_diag: np.ndarray
+                ) -> np.ndarray:
+        """Sum block quantities over the support of every ``Lambda_j``.
+
+        Parameters
+        ----------
+        tsum : ndarray (..., r, r)
+            The T-part, already summed over groups.
+        slot_diag : ndarray (..., m, s)
+            Per-slot diagonal entries (only nested variance-component slots count).
+        glob_diag : ndarray (..., d)
+            Diagonal entries of the global block.
+
+        Returns
+        -------
+        ndarray (..., t)
+        """
+        out = np.zeros(tsum.shape[:-2] + (self.n_theta,))
+        pa = np.array([a for a, _ in self.re_pairs], dtype=int)
+        pb = np.array([b for _, b in self.re_pairs], dtype=int)
+        out[..., :self.n_pairs] = tsum[..., pa, pb]
+        gi, ki = np.nonzero(self.slot_theta >= 0)
+        if gi.size:
+            np.add.at(np.moveaxis(out, -1, 0), self.slot_theta[gi, ki],
+                      np.moveaxis(slot_diag[..., gi, ki], -1, 0))
+        if self.glob_cols.size:
+            np.add.at(np.moveaxis(out, -1, 0), self.glob_theta,
+                      np.moveaxis(glob_diag, -1, 0))
+        return out
+
+    def pair_sums(self, x: tuple[np.ndarray, np.ndarray], y: tuple[np.ndarray, np.ndarray],
+                  contract: bool) -> np.ndarray:
+        """``sum_{(k,l) in supp Lambda_j} x_k y_l`` for block vectors with k columns.
+
+        ``x`` and ``y`` are block-form vectors ``((G, m, s, k), (G, d, k))``.
+        Returns (G, t) when ``contract`` (sum over the k columns), else (G, k, t).
+        """
+        r = self.re_dim
+        x1, x2 = x
+        y1, y2 = y
+        if contract:
+            tsum = np.einsum("gmak,gmbk->gab", x1[:, :, :r], y1[:, :, :r])
+            return self.collect(tsum, np.sum(x1 * y1, axis=-1), np.sum(x2 * y2, axis=-1))
+        tsum = np.einsum("gmak,gmbk->gkab", x1[:, :, :r], y1[:, :, :r])
+        return self.collect(tsum, np.moveaxis(x1 * y1, -1, 1), np.moveaxis(x2 * y2, -1, 1))
+
+
+def theta_structure(components: tuple[RandomComponent, ...], re_dim: int, independent: bool,
+                    ZZ: np.ndarray | None = None) -> ThetaStructure:
+    """Build the block layout: component 0 is the random-slope block.
 
     Parameters
     ----------
@@ -137,93 +222,336 @@ def theta_structure(components: tuple[RandomComponent, ...], re_dim: int,
         r, effects per group in the first component.
     independent : bool
         Diagonal ``T`` (independent random effects) instead of lower-triangular.
+    ZZ : ndarray, optional
+        ``Z'Z``; when given, components labelled as nested are checked to have
+        no cross products between groups (otherwise they go to the global block).
     """
     sizes = [c.size for c in components]
-    q = int(sum(sizes))
     r = re_dim
     m = sizes[0] // r
     pairs = [(a, b) for b in range(r) for a in range(b, r) if (a == b or not independent)]
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
-    pidx: list[np.ndarray] = []
-    base = np.arange(m) * r
-    lower = []
-    for j, (a, b) in enumerate(pairs):
-        rows.append(base + a)
-        cols.append(base + b)
-        pidx.append(np.full(m, j))
-        lower.append(0.0 if a == b else -np.inf)
+    lower = [0.0 if a == b else -np.inf for a, b in pairs]
+    group_of = {g: i for i, g in enumerate((components[0].groups or ())[::r])}
+    nested: list[list[tuple[int, int]]] = [[] for _ in range(m)]
+    glob: list[tuple[int, int]] = []
+    vc: list[int] = []
     off = sizes[0]
-    vc = []
-    for ci, d in enumerate(sizes[1:], start=1):
+    for ci, comp in enumerate(components[1:], start=1):
         j = len(lower)
-        rows.append(off + np.arange(d))
-        cols.append(off + np.arange(d))
-        pidx.append(np.full(d, j))
         lower.append(0.0)
         vc.append(ci)
-        off += d
-    return ThetaStructure(q, np.concatenate(rows), np.concatenate(cols),
-                          np.concatenate(pidx), np.asarray(lower), r, pairs, vc)
+        cols = range(off, off + comp.size)
+        if comp.groups is not None and len(group_of) == m and all(
+                g in group_of for g in comp.groups):
+            for col, g in zip(cols, comp.groups, strict=True):
+                nested[group_of[g]].append((col, j))
+        else:
+            glob.extend((col, j) for col in cols)
+        off += comp.size
+    st = _layout(int(sum(sizes)), r, m, pairs, np.asarray(lower), vc, nested, glob)
+    if ZZ is not None and nested and any(nested) and not _is_block_diagonal(ZZ, st):
+        return _layout(st.q, r, m, pairs, st.lower, vc, [[] for _ in range(m)],
+                       sorted(glob + [x for blk in nested for x in blk]))
+    return st
 
 
-def _gene_chunks(G: int, q: int, budget: int = 6_000_000) -> list[np.ndarray]:
-    size = max(1, budget // max(1, 4 * q * q))
-    return [np.arange(s, min(G, s + size)) for s in range(0, G, size)]
+def _layout(q: int, r: int, m: int, pairs: list[tuple[int, int]], lower: np.ndarray,
+            vc: list[int], nested: list[list[tuple[int, int]]],
+            glob: list[tuple[int, int]]) -> ThetaStructure:
+    s = r + max((len(b) for b in nested), default=0)
+    slot_cols = np.full((m, s), -1, dtype=int)
+    slot_theta = np.full((m, s), -1, dtype=int)
+    slot_cols[:, :r] = np.arange(m)[:, None] * r + np.arange(r)[None]
+    for g, blk in enumerate(nested):
+        for k, (col, j) in enumerate(blk):
+            slot_cols[g, r + k] = col
+            slot_theta[g, r + k] = j
+    gc = np.array([c for c, _ in glob], dtype=int)
+    gt = np.array([j for _, j in glob], dtype=int)
+    return ThetaStructure(q, r, pairs, lower, vc, slot_cols, slot_theta, gc, gt)
+
+
+def _is_block_diagonal(ZZ: np.ndarray, st: ThetaStructure) -> bool:
+    """No cross products between the columns of different group blocks."""
+    valid = st.slot_cols >= 0
+    cols = st.slot_cols[valid]
+    owner = np.nonzero(valid)[0]
+    sub = np.abs(ZZ[np.ix_(cols, cols)])
+    return not np.any(sub[owner[:, None] != owner[None, :]] > 0.0)
+
+
+# ------------------------------------------------------------ block algebra
+@dataclass
+class BlockZZ:
+    """``Z'Z`` and ``Z'X`` in the block layout of a :class:`ThetaStructure`.
+
+    Attributes
+    ----------
+    A : ndarray (m, s, s)
+        Group blocks of ``Z'Z`` (zero rows and columns in empty slots).
+    B : ndarray (m, s, d)
+        Cross products of the group blocks with the global columns.
+    C : ndarray (d, d)
+        The global block.
+    ZX1 : ndarray (m, s, p), ZX2 : ndarray (d, p)
+        ``Z'X`` in the same layout.
+    """
+
+    st: ThetaStructure
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    ZX1: np.ndarray
+    ZX2: np.ndarray
+
+    @classmethod
+    def from_stats(cls, st: ThetaStructure, ZZ: np.ndarray, ZX: np.ndarray) -> BlockZZ:
+        """Gather the blocks from dense ``Z'Z`` (q, q) and ``Z'X`` (q, p)."""
+        valid = st.slot_cols >= 0
+        sc = np.where(valid, st.slot_cols, 0)
+        A = ZZ[sc[:, :, None], sc[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+        B = ZZ[sc][:, :, st.glob_cols] * valid[:, :, None]
+        C = ZZ[np.ix_(st.glob_cols, st.glob_cols)]
+        return cls(st, A, B, C, ZX[sc] * valid[:, :, None], ZX[st.glob_cols])
+
+    def split(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(G, q, k) in the order of Z's columns -> block form ((G, m, s, k), (G, d, k))."""
+        valid = self.st.slot_cols >= 0
+        v1 = v[:, np.where(valid, self.st.slot_cols, 0)] * valid[None, :, :, None]
+        return v1, v[:, self.st.glob_cols]
+
+    def join(self, v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
+        """Block form -> (G, q, ...) in the order of Z's columns."""
+        valid = self.st.slot_cols >= 0
+        out = np.zeros((v1.shape[0], self.st.q) + v1.shape[3:])
+        out[:, self.st.slot_cols[valid]] = v1[:, valid]
+        out[:, self.st.glob_cols] = v2
+        return out
+
+    def matvec(self, v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``Z'Z v`` for block vectors with k columns."""
+        o1 = self.A @ v1
+        o2 = self.C @ v2
+        if self.C.size:
+            o1 = o1 + np.einsum("msd,gdk->gmsk", self.B, v2)
+            o2 = o2 + np.einsum("msd,gmsk->gdk", self.B, v1)
+        return o1, o2
+
+    def zx(self, G: int) -> tuple[np.ndarray, np.ndarray]:
+        """``Z'X`` broadcast to G genes in block form."""
+        return (np.broadcast_to(self.ZX1, (G,) + self.ZX1.shape),
+                np.broadcast_to(self.ZX2, (G,) + self.ZX2.shape))
+
+
+@dataclass
+class Lambda:
+    """``Lambda`` of G genes: group blocks (G, m or 1, s, s) and global diagonal (G, d)."""
+
+    blocks: np.ndarray
+    dvec: np.ndarray
+
+    def t(self, v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``Lambda' v``."""
+        return np.swapaxes(self.blocks, -1, -2) @ v1, self.dvec[:, :, None] * v2
+
+    def apply(self, v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``Lambda v``."""
+        return self.blocks @ v1, self.dvec[:, :, None] * v2
 
 
 def _logdet_pd(M: np.ndarray) -> np.ndarray:
     L = np.linalg.cholesky(M)
-    return 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
+    return 2.0 * np.sum(np.log(np.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
+
+
+def _sym(M: np.ndarray) -> np.ndarray:
+    return 0.5 * (M + np.swapaxes(M, -1, -2))
+
+
+@dataclass
+class MFactor:
+    """Block factorisation of ``M = I + Lambda' Z'Z Lambda`` for G genes.
+
+    ``M11`` (the group blocks) is inverted block by block; the global block
+    enters through the Schur complement ``Sc = M22 - M12' M11^-1 M12``.
+    Both are ``>= I``, so plain inverses are well conditioned.
+    """
+
+    M11inv: np.ndarray    # (G, m, s, s)
+    M12: np.ndarray       # (G, m, s, d)
+    F: np.ndarray         # (G, m, s, d)  M11^-1 M12
+    Scinv: np.ndarray     # (G, d, d)
+    logdet: np.ndarray    # (G,)
+
+    @classmethod
+    def build(cls, zz: BlockZZ, lam: Lambda) -> MFactor:
+        """Factorise ``M`` for the genes of ``lam``."""
+        Lt = np.swapaxes(lam.blocks, -1, -2)
+        s = zz.A.shape[-1]
+        M11 = _sym(np.eye(s) + Lt @ zz.A @ lam.blocks)
+        logdet = np.sum(_logdet_pd(M11), axis=1)
+        M11inv = _sym(np.linalg.inv(M11))
+        G, d = lam.dvec.shape
+        if d == 0:
+            empty = np.zeros(M11.shape[:3] + (0,))
+            return cls(M11inv, empty, empty, np.zeros((G, 0, 0)), logdet)
+        M12 = (Lt @ zz.B) * lam.dvec[:, None, None, :]
+        F = M11inv @ M12
+        Sc = (np.eye(d) + lam.dvec[:, :, None] * zz.C * lam.dvec[:, None, :]
+              - np.einsum("gmsd,gmse->gde", M12, F))
+        Sc = _sym(Sc)
+        return cls(M11inv, M12, F, _sym(np.linalg.inv(Sc)), logdet + _logdet_pd(Sc))
+
+    def solve(self, b1: np.ndarray, b2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``M^-1 b`` for block vectors with k columns."""
+        y1 = self.M11inv @ b1
+        if self.Scinv.shape[-1] == 0:
+            return y1, b2
+        x2 = self.Scinv @ (b2 - np.einsum("gmsd,gmsk->gdk", self.M12, y1))
+        return y1 - np.einsum("gmsd,gdk->gmsk", self.F, x2), x2
+
+    def inverse_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Selected inverse: the group blocks of ``M^-1`` (G, m, s, s) and ``F Sc^-1``.
+
+        The (group, global) blocks of ``M^-1`` are ``-F Sc^-1`` and the global
+        block is ``Sc^-1``.
+        """
+        FS = self.F @ self.Scinv[:, None]
+        return self.M11inv + FS @ np.swapaxes(self.F, -1, -2), FS
+
+
+def _gene_chunks(G: int, st: ThetaStructure, p: int, budget: int = 4_000_000
+                 ) -> list[np.ndarray]:
+    m, s, d = st.n_groups, st.block_size, st.glob_cols.size
+    per_gene = m * s * (3 * s + 3 * d + 4 * (p + 1)) + 3 * d * d + 4 * d * (p + 1)
+    size = max(1, budget // max(1, per_gene))
+    return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
+
+
+# -------------------------------------------------------------- criterion
+@dataclass
+class _Solved:
+    """Everything at ``theta`` for a chunk of genes (see the module docstring)."""
+
+    lam: Lambda
+    fac: MFactor
+    S: np.ndarray          # (G,)
+    logdet: np.ndarray     # (G,)  log|M| (+ log|X'H^-1X| for REML)
+    b: np.ndarray          # (G, p)
+    C: np.ndarray          # (G, p, p)  (X'H^-1X)^-1
+    W: tuple[np.ndarray, np.ndarray]   # M^-1 Lambda' [ZY | ZX], k = 1 + p
+    ZY: tuple[np.ndarray, np.ndarray]  # (G, m, s, 1), (G, d, 1)
+
+    def u(self) -> tuple[np.ndarray, np.ndarray]:
+        """Spherical BLUPs ``M^-1 Lambda' (ZY - ZX b)`` (k = 1)."""
+        bb = self.b[:, :, None]
+        return (self.W[0][..., :1] - self.W[0][..., 1:] @ bb[:, None],
+                self.W[1][..., :1] - self.W[1][..., 1:] @ bb)
 
 
 @dataclass
 class ThetaCriterion:
-    """Profiled criterion ``f(theta) = m log S + log|M_W|`` for a set of genes."""
+    """Profiled criterion ``f(theta) = m log S + log|M| (+ log|X'H^-1X|)`` for a set of genes.
+
+    Built on the (per-gene rescaled) sufficient statistics; genes in rows.
+    """
 
     st: ThetaStructure
-    ZRZ: np.ndarray        # (q, q)
-    r: np.ndarray          # (G, q)  ZRy, genes in rows
-    yRy: np.ndarray        # (G,)
-    W: np.ndarray          # (q, q)  ZRZ (REML) or ZZ (ML)
-    m: float
+    zz: BlockZZ
+    XX: np.ndarray         # (p, p)
+    XY: np.ndarray         # (G, p)
+    ZY: np.ndarray         # (G, q)
+    yy: np.ndarray         # (G,)
+    n: int
     reml: bool
+
+    @classmethod
+    def from_stats(cls, stats: Any, st: ThetaStructure, reml: bool,
+                   c: np.ndarray | None = None) -> ThetaCriterion:
+        """The criterion of every gene, each divided by ``c`` (default 1)."""
+        c = np.ones(stats.n_genes) if c is None else c
+        return cls(st, BlockZZ.from_stats(st, stats.ZZ, stats.ZX), stats.XX,
+                   (stats.XY / c).T, (stats.ZY / c).T, stats.yy / (c * c), int(stats.n), reml)
+
+    @property
+    def m(self) -> int:
+        """``n - p`` (REML) or ``n`` (ML)."""
+        return self.n - self.XX.shape[0] if self.reml else self.n
 
     def subset(self, idx: np.ndarray) -> ThetaCriterion:
         """The criterion of genes ``idx``."""
-        return ThetaCriterion(self.st, self.ZRZ, self.r[idx], self.yRy[idx], self.W, self.m,
-                              self.reml)
+        return ThetaCriterion(self.st, self.zz, self.XX, self.XY[idx], self.ZY[idx],
+                              self.yy[idx], self.n, self.reml)
+
+    def chunks(self) -> list[np.ndarray]:
+        """Gene chunks that bound the memory of one evaluation."""
+        return _gene_chunks(self.yy.shape[0], self.st, self.XX.shape[0])
+
+    def solve(self, theta: np.ndarray, idx: np.ndarray | slice = slice(None)) -> _Solved:
+        """GLS at ``theta`` (rows of genes ``idx``) through the factorisation of ``M``."""
+        lam = self.st.lam(theta)
+        fac = MFactor.build(self.zz, lam)
+        G = theta.shape[0]
+        zy = self.zz.split(self.ZY[idx][:, :, None])
+        zx = self.zz.zx(G)
+        R = (np.concatenate([zy[0], zx[0]], axis=-1), np.concatenate([zy[1], zx[1]], axis=-1))
+        LR = lam.t(*R)
+        W = fac.solve(*LR)
+        Q = np.einsum("gmsi,gmsj->gij", LR[0], W[0]) + np.einsum("gdi,gdj->gij", LR[1], W[1])
+        XHX = _sym(self.XX - Q[:, 1:, 1:])
+        XHy = self.XY[idx] - Q[:, 1:, 0]
+        C = _sym(np.linalg.inv(XHX))
+        b = np.einsum("gij,gj->gi", C, XHy)
+        S = self.yy[idx] - Q[:, 0, 0] - np.sum(XHy * b, axis=1)
+        logdet = fac.logdet + (_logdet_pd(XHX) if self.reml else 0.0)
+        return _Solved(lam, fac, S, logdet, b, C, W, zy)
+
+    def _ld_gradient(self, sol: _Solved) -> np.ndarray:
+        """``d log|M| / dtheta``: the supports of ``ZZ Lambda M^-1`` (selected inverse)."""
+        lam, zz = sol.lam, self.zz
+        Minv, FS = sol.fac.inverse_blocks()
+        P1 = zz.A @ lam.blocks @ Minv
+        r = self.st.re_dim
+        if FS.shape[-1]:
+            P1 = P1 - (zz.B * lam.dvec[:, None, None, :]) @ np.swapaxes(FS, -1, -2)
+            P2 = (np.einsum("ic,gc,gci->gi", zz.C, lam.dvec, sol.fac.Scinv)
+                  - np.einsum("msi,gmsi->gi", zz.B, lam.blocks @ FS))
+        else:
+            P2 = np.zeros(lam.dvec.shape)
+        diag = np.diagonal(P1, axis1=-2, axis2=-1)
+        return 2.0 * self.st.collect(P1[:, :, :r, :r].sum(axis=1), diag, P2)
 
     def parts(self, theta: np.ndarray, grad: bool = True
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """``S``, ``log|M_W|`` and (optionally) their gradients (G, t)."""
-        G, q = theta.shape[0], self.st.q
+        """``S``, the log-determinant term and (optionally) their gradients (G, t)."""
+        G, t = theta.shape
         S = np.empty(G)
         logdet = np.empty(G)
-        dS = np.empty((G, self.st.n_theta)) if grad else None
-        dld = np.empty((G, self.st.n_theta)) if grad else None
-        eye = np.eye(q)
-        rows, cols = self.st.rows, self.st.cols
-        for idx in _gene_chunks(G, q):
-            lam = self.st.lam(theta[idx])
-            r = self.r[idx]
-            ZL = self.ZRZ @ lam                                    # ZRZ Lambda
-            MR = eye + np.swapaxes(lam, 1, 2) @ ZL
-            Ltr = np.einsum("gkl,gk->gl", lam, r)
-            u = np.linalg.solve(MR, Ltr[:, :, None])[:, :, 0]
-            S[idx] = self.yRy[idx] - np.sum(Ltr * u, axis=1)
+        dS = np.empty((G, t)) if grad else None
+        dld = np.empty((G, t)) if grad else None
+        for idx in self.chunks():
+            sol = self.solve(theta[idx], idx)
+            S[idx], logdet[idx] = sol.S, sol.logdet
+            if not grad:
+                continue
+            u = sol.u()
+            e1 = sol.ZY[0] - self.zz.ZX1 @ sol.b[:, None, :, None]
+            e2 = sol.ZY[1] - self.zz.ZX2 @ sol.b[:, :, None]
+            a = self.minus_zz_lambda((e1, e2), sol.lam, u)
+            dS[idx] = -2.0 * self.st.pair_sums(a, u, contract=True)
+            dld[idx] = self._ld_gradient(sol)
             if self.reml:
-                WL, MW = ZL, MR
-            else:
-                WL = self.W @ lam
-                MW = eye + np.swapaxes(lam, 1, 2) @ WL
-            logdet[idx] = _logdet_pd(MW)
-            if grad:
-                a = r - np.einsum("gkl,gl->gk", ZL, u)
-                dS[idx] = -2.0 * (a[:, rows] * u[:, cols]) @ self.st.onehot
-                Pt = np.linalg.solve(MW, np.swapaxes(WL, 1, 2))        # P' = M^-1 (W Lambda)'
-                dld[idx] = 2.0 * Pt[:, cols, rows] @ self.st.onehot
+                U = (sol.W[0][..., 1:], sol.W[1][..., 1:])
+                E = self.minus_zz_lambda(self.zz.zx(len(idx)), sol.lam, U)
+                EC = (E[0] @ sol.C[:, None], E[1] @ sol.C)
+                dld[idx] -= 2.0 * self.st.pair_sums(EC, U, contract=True)
         return S, logdet, dS, dld
+
+    def minus_zz_lambda(self, z: tuple[np.ndarray, np.ndarray], lam: Lambda,
+                        w: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``z - ZZ Lambda w`` for block vectors."""
+        o = self.zz.matvec(*lam.apply(*w))
+        return z[0] - o[0], z[1] - o[1]
 
     def value(self, theta: np.ndarray) -> np.ndarray:
         """Criterion per gene."""
@@ -252,7 +580,7 @@ class ThetaCriterion:
             gp = self.gradient(theta + e)[1]
             gm = self.gradient(theta - e)[1]
             H[:, :, j] = (gp - gm) / (2.0 * h[:, j, None])
-        return 0.5 * (H + np.swapaxes(H, 1, 2))
+        return _sym(H)
 
 
 @dataclass
@@ -281,7 +609,7 @@ def minimise_theta(crit: ThetaCriterion, starts: list[float] | None = None, tol:
     start_theta : ndarray, optional
         An extra user starting point (t,) or (G, t).
     """
-    G = crit.yRy.shape[0]
+    G = crit.yy.shape[0]
     starts = [1.0, 0.2] if starts is None else starts
     points = [crit.st.start(c, G) for c in starts]
     if start_theta is not None:
@@ -354,58 +682,59 @@ def _projected_newton(crit: ThetaCriterion, theta: np.ndarray, tol: float, maxit
     return ThetaFitResult(res.x, res.criterion, res.converged, res.n_iter)
 
 
-# ---------------------------------------------------------------- GLS at theta
 @dataclass
 class ThetaGLS:
     """GLS quantities at ``theta`` (genes in rows)."""
 
-    fe_params: np.ndarray      # (G, p)
-    cov_unscaled: np.ndarray   # (G, p, p)  (X'H^-1 X)^-1
-    blup_unscaled: np.ndarray  # (G, q)     T (ZY - ZX b) with T = Lambda M^-1 Lambda'
-    condcov_unscaled: np.ndarray  # (G, q, q) T = Cov(u | y) / s
+    fe_params: np.ndarray         # (G, p)
+    cov_unscaled: np.ndarray      # (G, p, p)  (X'H^-1 X)^-1
+    blup_unscaled: np.ndarray     # (G, q)     Lambda M^-1 Lambda' (ZY - ZX b)
+    condvar_unscaled: np.ndarray  # (G, q)     diag(Lambda M^-1 Lambda') = Var(u | y) / s
 
 
-def gls_theta(stats: Any, st: ThetaStructure, theta: np.ndarray) -> ThetaGLS:
-    """Fixed effects, their covariance and BLUPs at ``theta`` (G, t) (all genes).
+def gls_theta(crit: ThetaCriterion, theta: np.ndarray) -> ThetaGLS:
+    """Fixed effects, their covariance, BLUPs and conditional variances at ``theta`` (G, t).
 
-    ``H = I + Z Lambda Lambda' Z'`` and ``T = Lambda (I + Lambda' ZZ Lambda)^-1 Lambda'``
-    (the relative conditional covariance of the random effects):
-    ``X'H^-1 X = XX - ZX' T ZX``, ``X'H^-1 y = XY - ZX' T ZY`` and
-    ``u = T (ZY - ZX b)``.  O(q^3 + q^2 p) per gene.
+    ``crit`` must be built on unscaled statistics (``c = 1``).  Block by block:
+    linear in the number of groups.
     """
-    G, p, q = theta.shape[0], stats.k_fe, st.q
-    b = np.empty((G, p))
-    cov = np.empty((G, p, p))
-    blup = np.empty((G, q))
-    condcov = np.empty((G, q, q))
-    eye = np.eye(q)
-    for idx in _gene_chunks(G, q):
-        lam = st.lam(theta[idx])
-        lt = np.swapaxes(lam, 1, 2)
-        M = eye + lt @ stats.ZZ @ lam
-        T = lam @ np.linalg.solve(M, lt)
-        T = 0.5 * (T + np.swapaxes(T, 1, 2))
-        TZX = T @ stats.ZX
-        XHX = stats.XX[None] - np.einsum("qa,gqb->gab", stats.ZX, TZX)
-        XHy = stats.XY[:, idx].T - np.einsum("gqa,qg->ga", TZX, stats.ZY[:, idx])
-        c = np.linalg.inv(XHX)
-        c = 0.5 * (c + np.swapaxes(c, 1, 2))
-        cov[idx] = c
-        b[idx] = np.einsum("gij,gj->gi", c, XHy)
-        resid = stats.ZY[:, idx].T - b[idx] @ stats.ZX.T
-        blup[idx] = np.einsum("gij,gj->gi", T, resid)
-        condcov[idx] = T
-    return ThetaGLS(b, cov, blup, condcov)
+    G, p, q = theta.shape[0], crit.XX.shape[0], crit.st.q
+    out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
+    for idx in crit.chunks():
+        sol = crit.solve(theta[idx], idx)
+        out.fe_params[idx] = sol.b
+        out.cov_unscaled[idx] = sol.C
+        lu = sol.lam.apply(*sol.u())
+        out.blup_unscaled[idx] = crit.zz.join(lu[0][..., 0], lu[1][..., 0])
+        Minv, _ = sol.fac.inverse_blocks()
+        L = sol.lam.blocks
+        cv1 = np.einsum("gmab,gmbc,gmac->gma", np.broadcast_to(L, Minv.shape), Minv,
+                        np.broadcast_to(L, Minv.shape))
+        cv2 = sol.lam.dvec ** 2 * np.diagonal(sol.fac.Scinv, axis1=1, axis2=2)
+        out.condvar_unscaled[idx] = crit.zz.join(cv1, cv2)
+    return out
+
+
+def condcov_groups(crit: ThetaCriterion, theta: np.ndarray) -> np.ndarray:
+    """Conditional covariance blocks ``Lambda_g (M^-1)_gg Lambda_g'`` of one gene, (m, s, s).
+
+    ``theta`` is the gene's (t,) vector and ``crit`` its (one-gene) criterion.
+    Slots follow ``crit.st.slot_cols`` (empty slots are 0).
+    """
+    sol = crit.solve(theta[None], slice(0, 1))
+    Minv, _ = sol.fac.inverse_blocks()
+    L = np.broadcast_to(sol.lam.blocks, Minv.shape)
+    return _sym(L @ Minv @ np.swapaxes(L, -1, -2))[0]
 
 
 # ------------------------------------------------------------- Satterthwaite
 def varpar_information(crit: ThetaCriterion, theta: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Hessian of the deviance ``-2 l`` in ``(theta, sigma)`` per gene, (G, t+1, t+1).
 
-    ``-2 l = m log(2 pi sigma^2) + log|M_W| + S(theta) / sigma^2 (+ const)``: the
-    theta block is the central difference of the analytic gradients of
-    ``log|M_W|`` and ``S``; the sigma entries are analytic.  (lmerTest uses
-    the same Hessian, by finite differences of the deviance.)
+    ``-2 l = m log(2 pi sigma^2) + logdet(theta) + S(theta) / sigma^2 (+ const)``:
+    the theta block is the central difference of the analytic gradients of
+    the log-determinant term and ``S``; the sigma entries are analytic.
+    (lmerTest uses the same Hessian, by finite differences of the deviance.)
     """
     G, t = theta.shape
     h = 1e-5 * np.maximum(1.0, np.abs(theta))
@@ -419,57 +748,61 @@ def varpar_information(crit: ThetaCriterion, theta: np.ndarray, sigma: np.ndarra
         _, _, dSm, dlm = crit.parts(theta - e)
         Hth[:, :, j] = (dlp - dlm + (dSp - dSm) / s2[:, None]) / (2.0 * h[:, j, None])
     H = np.empty((G, t + 1, t + 1))
-    H[:, :t, :t] = 0.5 * (Hth + np.swapaxes(Hth, 1, 2))
+    H[:, :t, :t] = _sym(Hth)
     H[:, :t, t] = H[:, t, :t] = -2.0 * dS / (s2 * sigma)[:, None]
     H[:, t, t] = -2.0 * crit.m / s2 + 6.0 * S / (s2 * s2)
     return H
 
 
-def satterthwaite_theta(stats: Any, st: ThetaStructure, crit: ThetaCriterion,
-                        theta: np.ndarray, scale: np.ndarray, cov_unscaled: np.ndarray,
-                        L: np.ndarray, info: np.ndarray | None = None) -> np.ndarray:
+def free_parameters(st: ThetaStructure, theta: np.ndarray) -> np.ndarray:
+    """Mask (G, t + 1) of ``(theta, sigma)`` not held at their lower bound."""
+    return np.concatenate([~(st.bounded[None] & (theta <= 0.0)),
+                           np.ones((theta.shape[0], 1), dtype=bool)], axis=1)
+
+
+def varpar_covariance(info: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """``2 H^-1`` on the free parameters, 0 rows and columns for the fixed ones (NaN if H is)."""
+    G, k = free.shape
+    out = np.full((G, k, k), np.nan)
+    ok = np.all(np.isfinite(info), axis=(1, 2))
+    if ok.any():
+        mask = free[ok][:, :, None] & free[ok][:, None, :]
+        H = info[ok] * mask
+        H[:, np.arange(k), np.arange(k)] += ~free[ok]
+        out[ok] = 2.0 * np.linalg.pinv(H) * mask
+    return out
+
+
+def satterthwaite_theta(crit: ThetaCriterion, theta: np.ndarray, scale: np.ndarray,
+                        cov_unscaled: np.ndarray, L: np.ndarray, info: np.ndarray
+                        ) -> np.ndarray:
     """Satterthwaite df (G, r) for contrast rows ``L`` (r, p) or (G, r, p), as lmerTest.
 
     ``df = 2 v^2 / (grad' A grad)`` with ``v = c' Cov(b) c``, ``A = 2 H^-1`` the
-    covariance of ``(theta, sigma)`` from the deviance Hessian ``H`` and the
-    analytic gradient of ``v``: with ``K = Lambda M^-1``,
-    ``N = I - K Lambda' ZZ`` and ``w = ZX (X'H^-1 X)^-1 c``,
-    ``dv/dtheta_j = 2 s sum_{(k,l) in supp Lambda_j} (N'w)_k (K'w)_l`` and
+    covariance of ``(theta, sigma)`` from the deviance Hessian ``info`` and the
+    analytic gradient of ``v``: with ``w = ZX (X'H^-1 X)^-1 c``,
+    ``k = M^-1 Lambda' w`` and ``a = w - ZZ Lambda k``,
+    ``dv/dtheta_j = 2 s sum_{(k,l) in supp Lambda_j} a_k k_l`` and
     ``dv/dsigma = 2 v / sigma``.  Parameters at their lower bound (a singular
-    fit) are left out.
+    fit) are left out.  ``crit`` is built on unscaled statistics.
     """
     G, t = theta.shape
     sigma = np.sqrt(scale)
-    if info is None:
-        info = varpar_information(crit, theta, sigma)
     Lg = np.broadcast_to(L, (G,) + L.shape[-2:])
     Wc = np.einsum("gab,grb->gra", cov_unscaled, Lg)
     v = scale[:, None] * np.einsum("grb,grb->gr", Lg, Wc)
     grad = np.empty(v.shape + (t + 1,))
     grad[..., t] = 2.0 * v / sigma[:, None]
-    q = st.q
-    eye = np.eye(q)
-    for idx in _gene_chunks(G, q):
-        lam = st.lam(theta[idx])
-        lt = np.swapaxes(lam, 1, 2)
-        M = eye + lt @ stats.ZZ @ lam
-        K = np.swapaxes(np.linalg.solve(M, lt), 1, 2)          # Lambda M^-1 (M symmetric)
-        N = eye - K @ lt @ stats.ZZ
-        w = np.einsum("qa,gra->grq", stats.ZX, Wc[idx])
-        Nw = np.einsum("gkq,grk->grq", N, w)                    # N' w
-        Kw = np.einsum("gkq,grk->grq", K, w)                    # K' w
-        prod = Nw[:, :, st.rows] * Kw[:, :, st.cols]
-        grad[idx, :, :t] = 2.0 * scale[idx, None, None] * (prod @ st.onehot)
-    free = np.concatenate([~(st.bounded[None] & (theta <= 0.0)),
-                           np.ones((G, 1), dtype=bool)], axis=1)
-    H = info * (free[:, :, None] & free[:, None, :])
-    H[:, np.arange(t + 1), np.arange(t + 1)] += ~free
-    out = np.full(v.shape, np.nan)
-    ok = np.all(np.isfinite(H), axis=(1, 2))
-    if ok.any():
-        A = 2.0 * np.linalg.pinv(H[ok])
-        gr = grad[ok] * free[ok][:, None, :]
-        denom = np.einsum("gri,gij,grj->gr", gr, A, gr)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[ok] = 2.0 * v[ok] ** 2 / denom
-    return out
+    zz = crit.zz
+    for idx in crit.chunks():
+        lam = crit.st.lam(theta[idx])
+        fac = MFactor.build(zz, lam)
+        w = (np.einsum("msp,grp->gmsr", zz.ZX1, Wc[idx]), np.einsum("dp,grp->gdr", zz.ZX2, Wc[idx]))
+        k = fac.solve(*lam.t(*w))
+        a = crit.minus_zz_lambda(w, lam, k)
+        grad[idx, :, :t] = 2.0 * scale[idx, None, None] * crit.st.pair_sums(a, k, contract=False)
+    free = free_parameters(crit.st, theta)
+    A = varpar_covariance(info, free)
+    gr = grad * free[:, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 2.0 * v ** 2 / np.einsum("gri,gij,grj->gr", gr, A, gr)

@@ -26,10 +26,13 @@ from ._fit_theta import (
     ThetaCriterion,
     ThetaGLS,
     ThetaStructure,
+    condcov_groups,
+    free_parameters,
     gls_theta,
     minimise_theta,
     satterthwaite_theta,
     theta_structure,
+    varpar_covariance,
     varpar_information,
 )
 from ._reduce import reduce_stats
@@ -168,16 +171,15 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
                           "re_formula random slopes.")
     stats = model.stats
     meta = stats.info[SLOPES_KEY]
-    st = theta_structure(stats.components, int(meta["dim"]), bool(meta["independent"]))
+    st = theta_structure(stats.components, int(meta["dim"]), bool(meta["independent"]),
+                         stats.ZZ)
     c = _gene_scale(stats)
     sc = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
-    red = reduce_stats(sc)
-    status = _degenerate_status(sc, red)
+    status = _degenerate_status(sc, reduce_stats(sc))
     ok = np.flatnonzero(status == STATUS_OK)
     G, t = stats.n_genes, st.n_theta
-    m = red.n - red.p if reml else red.n
-    crit = ThetaCriterion(st, red.ZRZ, red.ZRy.T, red.yRy, red.ZRZ if reml else stats.ZZ,
-                          m, reml)
+    crit = ThetaCriterion.from_stats(stats, st, reml, c)
+    m = crit.m
     theta = np.full((G, t), np.nan)
     converged = np.zeros(G, dtype=bool)
     n_iter = np.zeros(G, dtype=np.int64)
@@ -191,8 +193,6 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
         theta[ok], converged[ok], n_iter[ok] = res.theta, res.converged, res.n_iter
         S, logdet, _, _ = sub.parts(res.theta, grad=False)
         s = S / m
-        if reml:
-            logdet = logdet + red.logdet_XX
         scale[ok] = s * c[ok] ** 2
         llf[ok] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi * s)) + logdet) - m * np.log(c[ok])
     _warn_not_converged(converged[ok], G)
@@ -201,8 +201,7 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
     ratios[:, 0] = np.sum(theta[:, :1] ** 2, axis=1)
     for j, ci in enumerate(st.vc_components):
         ratios[:, ci] = theta[:, len(st.re_pairs) + j] ** 2
-    crit_full = ThetaCriterion(st, red.ZRZ, red.ZRy.T * c[:, None], red.yRy * c * c,
-                               red.ZRZ if reml else stats.ZZ, m, reml)
+    crit_full = ThetaCriterion.from_stats(stats, st, reml)
     fit = ThetaEngineFit(ratios=ratios, scale=scale, llf=llf, converged=converged,
                          n_iter=n_iter, status=status.astype(str), reml=reml,
                          method="theta-newton", theta=theta, structure=st, criterion=crit_full)
@@ -332,25 +331,32 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
 
     # ------------------------------------------------------------- GLS
     @cached_property
-    def _gls_theta(self) -> ThetaGLS:
+    def _gls(self) -> ThetaGLS:
         theta = np.where(self._usable[:, None], self._fit.theta, 0.0)
-        est = gls_theta(self.stats, self._st, theta)
+        crit = self._fit.criterion
+        assert crit is not None
+        est = gls_theta(crit, theta)
         bad = ~self._usable
-        for arr in (est.fe_params, est.cov_unscaled, est.blup_unscaled, est.condcov_unscaled):
+        for arr in (est.fe_params, est.cov_unscaled, est.blup_unscaled, est.condvar_unscaled):
             arr[bad] = np.nan
         return est
 
-    @cached_property
-    def _gls(self) -> Any:
-        g = self._gls_theta
-        return dataclasses.make_dataclass("G", ["fe_params", "cov_unscaled", "blup_unscaled",
-                                               "condvar_unscaled"])(
-            g.fe_params, g.cov_unscaled, g.blup_unscaled,
-            np.diagonal(g.condcov_unscaled, axis1=1, axis2=2))
+    def condcov_blocks(self, gene: str | int) -> np.ndarray:
+        """Conditional covariance of every group's random effects for one gene.
 
-    def random_effects_cov_full(self) -> np.ndarray:
-        """Full conditional covariance ``Cov(u | y)`` per gene, (genes, q, q)."""
-        return self._gls_theta.condcov_unscaled * self._fit.scale[:, None, None]
+        Returns an array (groups, s, s) in absolute units: group ``g``'s r
+        correlated effects, then its nested variance-component effects (see
+        ``gene(name).random_effects_cov`` for labelled blocks).  Computed block
+        by block, without forming the q x q matrix.
+        """
+        pos = self.gene(gene)._pos
+        crit = self._fit.criterion
+        assert crit is not None
+        if not self._usable[pos]:
+            s = self._st.block_size
+            return np.full((self._st.n_groups, s, s), np.nan)
+        blocks = condcov_groups(crit.subset(np.array([pos])), self._fit.theta[pos])
+        return blocks * self._fit.scale[pos]
 
     # ------------------------------------------------------ inference
     @cached_property
@@ -366,6 +372,11 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
                                          np.sqrt(self._fit.scale[ok]))
         return out
 
+    @cached_property
+    def _varpar_cov(self) -> np.ndarray:
+        """Covariance of ``(theta, sigma)``: ``2 H^-1`` on the parameters off their bound."""
+        return varpar_covariance(self._info, free_parameters(self._st, self._fit.theta))
+
     def _satterthwaite(self, L: np.ndarray) -> np.ndarray:
         out = np.full((self.n_genes, L.shape[-2]), np.nan)
         ok = np.flatnonzero(self._usable)
@@ -373,9 +384,9 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
             crit = self._fit.criterion
             assert crit is not None
             Lb = L if L.ndim == 2 else L[ok]
-            out[ok] = satterthwaite_theta(self.stats, self._st, crit.subset(ok),
-                                          self._fit.theta[ok], self._fit.scale[ok],
-                                          self._gls.cov_unscaled[ok], Lb, self._info[ok])
+            out[ok] = satterthwaite_theta(crit.subset(ok), self._fit.theta[ok],
+                                          self._fit.scale[ok], self._gls.cov_unscaled[ok], Lb,
+                                          self._info[ok])
         return out
 
     def contrast_df(self, L: np.ndarray, df_method: str | None = None) -> np.ndarray:
@@ -389,34 +400,85 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
         return self._satterthwaite(L)
 
+    def _delta_se(self, jac: np.ndarray) -> np.ndarray:
+        """Delta-method standard errors: ``jac`` (G, k, t + 1) d(quantity)/d(theta, sigma)."""
+        cov = jac @ self._varpar_cov @ np.swapaxes(jac, 1, 2)
+        return np.sqrt(np.abs(np.diagonal(cov, axis1=1, axis2=2)))
+
+    def _psi_jacobian(self) -> np.ndarray:
+        """d(lower triangle of T T')/d theta, (G, entries, t) (``Psi / scale``, row by row)."""
+        st = self._st
+        T = st.tfactor(self._fit.theta)
+        ii, jj = _tril_rows(st.re_dim, bool(self._meta["independent"]))
+        J = np.zeros((self.n_genes, ii.size, st.n_theta))
+        for j, (a, b) in enumerate(st.re_pairs):
+            # d(T T')_{il} / d T_ab = [i == a] T_lb + [l == a] T_ib
+            J[:, :, j] = (np.where(ii == a, 1.0, 0.0) * T[:, jj, b]
+                          + np.where(jj == a, 1.0, 0.0) * T[:, ii, b])
+        return J
+
+    def _singular(self) -> np.ndarray:
+        """Genes whose ``T`` has a zero on its diagonal (a singular ``Psi``)."""
+        st = self._st
+        diag = [j for j, (a, b) in enumerate(st.re_pairs) if a == b]
+        return np.any(self._fit.theta[:, diag] <= 0.0, axis=1)
+
     @cached_property
     def bse_re(self) -> pd.DataFrame:
-        """Not computed for random slopes (NaN); see :attr:`se_theta`."""
+        """Standard errors of the covariance parameters in :attr:`params` (``Psi / scale``, ratios).
+
+        Delta method from the deviance Hessian in ``(theta, sigma)`` (the
+        ratios do not depend on ``sigma``, so this is the profiled covariance).
+        NaN where ``Psi`` is singular (for its entries) or a component is at 0.
+        """
+        st = self._st
+        t = st.n_theta
+        J = np.zeros((self.n_genes, 0, t + 1))
+        Jpsi = np.concatenate([self._psi_jacobian(), np.zeros((self.n_genes,
+                               len(self.cov_re_names), 1))], axis=2)
+        k = len(st.vc_components)
+        Jvc = np.zeros((self.n_genes, k, t + 1))
+        j0 = st.n_pairs
+        Jvc[:, np.arange(k), j0 + np.arange(k)] = 2.0 * self._fit.theta[:, j0:]
+        J = np.concatenate([J, Jpsi, Jvc], axis=1)
+        se = self._delta_se(J)
+        se[:, :Jpsi.shape[1]][self._singular()] = np.nan
+        se[:, Jpsi.shape[1]:][self._fit.theta[:, j0:] <= 0.0] = np.nan
         cols = self.cov_re_names + [f"{c} Var" for c in self.component_names]
-        return self._frame(np.full((self.n_genes, len(cols)), np.nan), cols)
+        return self._frame(se, cols)
 
     @cached_property
     def se_theta(self) -> pd.DataFrame:
         """Standard errors of ``(theta, sigma)`` from the deviance Hessian (NaN at the boundary)."""
         cols = list(self.theta.columns) + ["sigma"]
-        H = self._info
-        t = self._st.n_theta
-        free = np.concatenate([~(self._st.bounded[None] & (self._fit.theta <= 0.0)),
-                               np.ones((self.n_genes, 1), dtype=bool)], axis=1)
-        out = np.full((self.n_genes, t + 1), np.nan)
-        ok = np.all(np.isfinite(H), axis=(1, 2))
-        if ok.any():
-            Hf = H[ok] * (free[ok][:, :, None] & free[ok][:, None, :])
-            Hf[:, np.arange(t + 1), np.arange(t + 1)] += ~free[ok]
-            cov = 2.0 * np.linalg.pinv(Hf)
-            out[ok] = np.sqrt(np.abs(np.diagonal(cov, axis1=1, axis2=2)))
-        return self._frame(np.where(free, out, np.nan), cols)
+        se = np.sqrt(np.abs(np.diagonal(self._varpar_cov, axis1=1, axis2=2)))
+        return self._frame(np.where(free_parameters(self._st, self._fit.theta), se, np.nan), cols)
 
     @cached_property
     def se_vcomp(self) -> pd.DataFrame:
-        """Not computed for random slopes (NaN); see :attr:`se_theta`."""
-        cols = self.component_names + ["residual"]
-        return self._frame(np.full((self.n_genes, len(cols)), np.nan), cols)
+        """Standard errors of the variances ``(s_1, ..., s_k, s)`` and of ``Psi``'s entries.
+
+        Columns: the variance components (absolute units), ``"residual"``, then
+        :attr:`cov_re`'s entries.  Delta method from the deviance Hessian in
+        ``(theta, sigma)``; NaN at the boundary as in :attr:`bse_re`.
+        """
+        st = self._st
+        t = st.n_theta
+        th, sig = self._fit.theta, np.sqrt(self._fit.scale)
+        s2 = sig * sig
+        j0, k = st.n_pairs, len(st.vc_components)
+        Jvc = np.zeros((self.n_genes, k + 1, t + 1))
+        Jvc[:, np.arange(k), j0 + np.arange(k)] = 2.0 * s2[:, None] * th[:, j0:]
+        Jvc[:, np.arange(k), t] = 2.0 * sig[:, None] * th[:, j0:] ** 2
+        Jvc[:, k, t] = 2.0 * sig
+        psi = self.cov_re_unscaled.to_numpy()
+        Jpsi = np.concatenate([s2[:, None, None] * self._psi_jacobian(),
+                               (2.0 * sig[:, None] * psi)[:, :, None]], axis=2)
+        se = self._delta_se(np.concatenate([Jvc, Jpsi], axis=1))
+        se[:, :k][th[:, j0:] <= 0.0] = np.nan
+        se[:, k + 1:][self._singular()] = np.nan
+        cols = self.component_names + ["residual"] + list(self.cov_re_names)
+        return self._frame(se, cols)
 
     @cached_property
     def params(self) -> pd.DataFrame:
@@ -530,9 +592,20 @@ class RandomSlopesGeneResults(GeneResults):
     @property
     def random_effects_cov(self) -> dict[str, pd.DataFrame]:
         """Conditional covariance of every group's random effects (statsmodels' layout)."""
-        C = self._parent._gls_theta.condcov_unscaled[self._pos] * self.scale
-        return {g: pd.DataFrame(C[np.ix_(c, c)], index=lab, columns=lab)
-                for g, (c, lab) in self._group_columns().items()}
+        parent = self._parent
+        st = parent._st
+        blocks = parent.condcov_blocks(self._pos)
+        slot = {int(col): (g, k) for (g, k), col in np.ndenumerate(st.slot_cols) if col >= 0}
+        out = {}
+        for g, (cols, lab) in self._group_columns().items():
+            if all(c in slot for c in cols) and len({slot[c][0] for c in cols}) == 1:
+                gi = slot[cols[0]][0]
+                ks = [slot[c][1] for c in cols]
+                C = blocks[gi][np.ix_(ks, ks)]
+            else:  # columns outside the group blocks: their conditional variances only
+                C = np.diag(parent._gls.condvar_unscaled[self._pos, cols] * self.scale)
+            out[g] = pd.DataFrame(C, index=lab, columns=lab)
+        return out
 
     def summary(self, alpha: float = 0.05, df_method: str | None = None) -> Any:
         """statsmodels-style summary: fixed effects with the chosen df, then ``Psi`` and vcomp."""
