@@ -104,6 +104,13 @@ def random_slopes_block(exog_re: Any, group_codes: np.ndarray, group_levels: lis
         raise DesignError("exog_re has no columns.")
     if not np.all(np.isfinite(E)):
         raise DesignError("exog_re contains NaN or inf; remove those cells or use missing='drop'.")
+    zero = [names[k] for k in range(E.shape[1]) if not np.any(E[:, k])]
+    if zero:
+        raise DesignError(f"exog_re column(s) {zero} are 0 in every cell: their variance "
+                          "cannot be estimated.")
+    if np.linalg.matrix_rank(E) < E.shape[1]:
+        raise DesignError(f"exog_re columns {names} are linearly dependent: Psi cannot be "
+                          "estimated; drop the redundant column(s).")
     m, r = len(group_levels), E.shape[1]
     if m < 2:
         raise DesignError("random effects per group (exog_re) need at least two groups.")

@@ -50,7 +50,7 @@ def _keys_for(key: str) -> list[str]:
     return [f"{key}_coef", f"{key}_se", f"{key}_tvalue", f"{key}_df", f"{key}_pvalue",
             f"{key}_padj", f"{key}_contrast_effect", f"{key}_contrast_se",
             f"{key}_contrast_tvalue", f"{key}_contrast_df", f"{key}_contrast_pvalue",
-            f"{key}_contrast_padj"]
+            f"{key}_contrast_padj", f"{key}_cov_re"]
 
 
 def write_results(
@@ -89,8 +89,10 @@ def write_results(
       are given;
     * ``var[f"{key}_scale"]``, ``_llf``, ``_converged``, ``_boundary`` and one
       ``var[f"{key}_var_{component}"]`` per random component;
-    * ``uns[key]``: formula, groups, vc_formula, method, df_method, transform,
-      flashmm version, term, component and contrast names.
+    * for random slopes, ``varm[f"{key}_cov_re"]``: genes x the lower triangle
+      of ``Psi`` (absolute units, statsmodels' names as in ``results.cov_re``);
+    * ``uns[key]``: formula, groups, vc_formula, re_formula, method, df_method,
+      transform, flashmm version, term, component, ``cov_re`` and contrast names.
 
     Raises
     ------
@@ -135,6 +137,9 @@ def write_results(
     }
     for comp in results.component_names:
         scalars[f"var_{comp}"] = results.vcomp[comp].astype(float)
+    cov_re_names = list(getattr(results, "cov_re_names", []))
+    if cov_re_names:   # random slopes: Psi per gene
+        adata.varm[f"{key_added}_cov_re"] = _aligned(results.cov_re, var_names, "cov_re")
     for name, series in scalars.items():
         frame = _aligned(series.to_frame(), var_names, name).iloc[:, 0]
         if series.dtype == bool:
@@ -146,6 +151,7 @@ def write_results(
         "formula": str(info.get("formula") or ""),
         "groups": str(info.get("groups") or ""),
         "vc_formula": {str(k): str(v) for k, v in dict(info.get("vc_formula") or {}).items()},
+        "re_formula": str(info.get("re_formula") or ""),
         "method": str(results.method),
         "df_method": str(results.df_method),
         "transform": str(results.stats.transform or ""),
@@ -154,6 +160,7 @@ def write_results(
         "n_genes": int(results.n_genes),
         "terms": np.array(results.exog_names, dtype=object),
         "components": np.array(results.component_names, dtype=object),
+        "cov_re": np.array(cov_re_names, dtype=object),
         "contrasts": np.array(contrast_names, dtype=object),
     }
 
