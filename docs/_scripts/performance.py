@@ -20,6 +20,7 @@ KNOWN = {
     "fit.json": "``bench_fit.py``: the batched fit from sufficient statistics",
     "dask_memory.json": "``bench_dask_memory.py``: memory per dask worker",
     "atlas.json": "``bench_atlas.py``: ``flashmm fit`` end to end on an atlas-sized backed .h5ad",
+    "slopes.json": "``bench_slopes.py``: random slopes against the number of groups",
 }
 
 
@@ -57,6 +58,53 @@ def _machine(d: dict[str, Any]) -> str:
 
 def _fig(name: str, out: Path) -> str:
     return f".. image:: /_generated/performance/{name}\n   :width: 90%\n"
+
+
+def _finish_loglog(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Log-log axes, labels, legend, and save."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _slopes_section(d: dict[str, Any], figdir: Path, plt: Any) -> list[str]:
+    """Table and plot of ``bench_slopes.py``: cost per gene against the number of groups."""
+    rows = d["rows"]
+
+    def ms(x: Any) -> str:
+        return "-" if x is None else f"{x:.3g}"
+
+    table = _table(
+        f"Random slopes ``(1 + x | group)``, {d['genes']} genes, medians of {d['repeats']} runs",
+        ["groups m", "q = 2m", "one evaluation (ms/gene)", "fit + SE + df (ms/gene)",
+         "Newton iterations (median)", "dense q x q Cholesky (ms/gene)"],
+        [[r["groups"], r["q"], ms(r["evaluation_ms_per_gene"]), ms(r["fit_ms_per_gene"]),
+          f"{r['iterations_median']:g}", ms(r.get("dense_cholesky_ms_per_gene"))] for r in rows],
+    )
+    slope_text = (f"Log-log slope against m: one evaluation {d['evaluation_loglog_slope']:.2f}, "
+                  f"whole fit {d['fit_loglog_slope']:.2f}")
+    if "dense_cholesky_loglog_slope" in d:
+        slope_text += (f"; a single dense q x q Cholesky factorisation per gene "
+                       f"{d['dense_cholesky_loglog_slope']:.2f}")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    xs = [r["groups"] for r in rows]
+    ax.plot(xs, [r["fit_ms_per_gene"] for r in rows], "o-", label="flashmm fit + SE + df")
+    ax.plot(xs, [r["evaluation_ms_per_gene"] for r in rows], "s-", label="one evaluation")
+    dense = [(r["groups"], r["dense_cholesky_ms_per_gene"]) for r in rows
+             if r.get("dense_cholesky_ms_per_gene") is not None]
+    if dense:
+        ax.plot([x for x, _ in dense], [y for _, y in dense], "^--", color="0.5",
+                label="one dense q x q Cholesky")
+    _finish_loglog(fig, ax, "groups m", "ms per gene",
+                   "Random slopes: cost per gene against the number of groups",
+                   figdir / "slopes_groups.png")
+    return ["Random slopes\n-------------\n", table, f"\n{slope_text}. Machine: {_machine(d)}.\n\n",
+            _fig("slopes_groups.png", figdir), "\n"]
 
 
 def main(out: Path) -> None:  # noqa: C901 - one linear report
@@ -255,6 +303,16 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         except (KeyError, TypeError) as err:
             notes.append(f"``atlas.json`` has an unexpected layout ({err!r}); its table is skipped.")
 
+    # -------------------------------------------------------------- random slopes
+    slopes, note = _load("slopes.json")
+    if note:
+        notes.append(note)
+    if slopes:
+        try:
+            text += _slopes_section(slopes, figdir, plt)
+        except (KeyError, TypeError, ValueError) as err:
+            notes.append(f"``slopes.json`` has an unexpected layout ({err!r}); its table is skipped.")
+
     # ------------------------------------------------------- generic sweeps
     for path in sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []:
         try:
@@ -283,14 +341,8 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, ms=5)
             for x, y, note_ in pts:
                 ax.annotate(note_, (x, y), fontsize=6, xytext=(4, -8), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("cells")
-        ax.set_ylabel("seconds")
-        ax.set_title("Time against the number of cells")
-        ax.legend(fontsize=7, frameon=False)
-        fig.tight_layout()
-        fig.savefig(figdir / "time_cells.png", dpi=90)
+        _finish_loglog(fig, ax, "cells", "seconds",
+                       "Time against the number of cells", figdir / "time_cells.png")
         figs.append(("Time against cells", "time_cells.png"))
     if genes_series:
         fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -308,14 +360,8 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
                 color="0.5",
                 label=f"R FLASHMM, {1e3 * spg:g} ms/gene (quoted)",
             )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("genes")
-        ax.set_ylabel("seconds")
-        ax.set_title("Fit time against the number of genes")
-        ax.legend(fontsize=7, frameon=False)
-        fig.tight_layout()
-        fig.savefig(figdir / "time_genes.png", dpi=90)
+        _finish_loglog(fig, ax, "genes", "seconds",
+                       "Fit time against the number of genes", figdir / "time_genes.png")
         figs.append(("Time against genes", "time_genes.png"))
     if mem_panels:
         fig, axes = plt.subplots(1, len(mem_panels), figsize=(5.2 * len(mem_panels), 3.8), squeeze=False)
