@@ -6,6 +6,14 @@ the cells of an ``.h5ad`` file (read backed, chunk by chunk) and saves the
 sufficient statistics; ``flashmm fit`` fits the model from an ``.h5ad`` file or
 from saved statistics and writes a tidy CSV table.
 
+The model is given as in ``MultiGeneMixedLM.from_formula``: ``--formula``
+(fixed effects), ``--groups`` (random group intercept), ``--vc NAME=FORMULA``
+(variance components), ``--re-formula`` with ``--independent-re`` (correlated
+or independent random slopes per group), e.g.::
+
+    flashmm fit data.h5ad --formula "~ 0 + cls + cls:trt" --groups sam \
+        --re-formula "~ 1 + np.log(libsize)" --transform log2p1 --out results.csv
+
 Errors in the inputs are reported on one line, ``flashmm: error: ...``, with
 exit code 2.
 """
@@ -92,6 +100,11 @@ def _add_design_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="variance component, e.g. 'celltype=0 + C(cls)' (repeatable)")
     p.add_argument("--re-intercept", action="store_true",
                    help="random group intercept alongside --vc (statsmodels re_formula='1')")
+    p.add_argument("--re-formula", metavar="FORMULA",
+                   help="correlated random effects per group, e.g. '~ 1 + np.log(libsize)' "
+                        "(statsmodels re_formula; needs --groups)")
+    p.add_argument("--independent-re", action="store_true",
+                   help="with --re-formula: independent (diagonal) random effects, lme4's ||")
     p.add_argument("--layer", help="use adata.layers[LAYER] instead of adata.X")
     p.add_argument("--transform", default=None, choices=["log2p1", "log1p"],
                    help="transform of the values (default none)")
@@ -136,12 +149,23 @@ def _compute_stats(args: argparse.Namespace) -> tuple[Any, Any]:
     obs, endog, genes = anndata_inputs(adata, args.layer)
     vc = _pairs(args.vc, "--vc") or None
     design = build_formula_design(args.formula, obs, groups=args.groups, vc_formula=vc,
-                                  re_formula="1" if args.re_intercept else None)
+                                  re_formula=_re_formula(args),
+                                  independent_re=args.independent_re)
     with Progress(len(obs), "cells", enabled=not args.quiet) as bar:
         stats = SufficientStats.from_design(design, endog, transform=args.transform,
                                             chunk_size=args.chunk_size, gene_names=genes,
                                             progress=bar)
     return stats, adata
+
+
+def _re_formula(args: argparse.Namespace) -> str | None:
+    """``--re-formula`` or ``--re-intercept`` (statsmodels' ``re_formula``)."""
+    if args.re_intercept and args.re_formula:
+        raise CLIError("give --re-formula or --re-intercept, not both (--re-intercept is "
+                       "--re-formula 1).")
+    if args.independent_re and not args.re_formula:
+        raise CLIError("--independent-re needs --re-formula.")
+    return "1" if args.re_intercept else args.re_formula
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

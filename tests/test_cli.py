@@ -63,6 +63,34 @@ def test_stats_then_fit_from_stats(h5ad, tmp_path):
     pd.testing.assert_frame_equal(a, b, rtol=1e-9)
 
 
+def test_fit_random_slopes_matches_the_api(h5ad, tmp_path):
+    path, ad = h5ad
+    re = "~ 1 + np.log(libsize)"
+    out = tmp_path / "slopes.csv"
+    assert main(_fit_args(path, out, "--re-formula", re, "--write-h5ad",
+                          str(tmp_path / "slopes.h5ad"))) == 0
+    res = flashmm.MultiGeneMixedLM.from_formula(FORMULA, ad, groups="sam", re_formula=re,
+                                                transform="log2p1").fit()
+    terms = pd.read_csv(out).pivot(index="gene", columns="contrast", values="pvalue")
+    expected = res.t_test(np.eye(res.k_fe)).pvalue
+    np.testing.assert_allclose(terms.loc[res.gene_names, res.exog_names].to_numpy(),
+                               expected.to_numpy(), rtol=1e-9)
+    back = anndata.read_h5ad(tmp_path / "slopes.h5ad")
+    np.testing.assert_allclose(back.varm["flashmm_cov_re"], res.cov_re.to_numpy(), rtol=1e-12)
+    assert main(_fit_args(path, tmp_path / "ind.csv", "--re-formula", re, "--independent-re")) == 0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--independent-re"], "--independent-re needs --re-formula"),
+    (["--re-intercept", "--re-formula", "~ 1"], "not both"),
+])
+def test_random_effect_flag_errors(h5ad, tmp_path, capsys, extra, message):
+    path, _ = h5ad
+    assert main(_fit_args(path, tmp_path / "x.csv", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashmm: error:") and message in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -72,6 +100,7 @@ def test_stats_then_fit_from_stats(h5ad, tmp_path):
         (["--layer", "missing"], "layer 'missing' not found"),
         (["--contrast", "nonsense"], "NAME=EXPRESSION"),
         (["--contrast", "x=cls[C9]"], "cannot parse contrast"),
+        (["--re-formula", "~ 1 + nosuch"], "nosuch"),
     ],
 )
 def test_fit_errors_are_one_line(h5ad, tmp_path, capsys, args, message):
