@@ -1,4 +1,4 @@
-"""Command line interface: ``flashmm demo``, ``flashmm fit`` and ``flashmm stats``.
+r"""Command line interface: ``flashmm demo``, ``flashmm fit`` and ``flashmm stats``.
 
 ``flashmm demo`` simulates a multi-sample single-cell study and runs the whole
 differential-expression workflow on it; ``flashmm stats`` makes one pass over
