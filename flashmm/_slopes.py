@@ -160,7 +160,8 @@ class ThetaEngineFit(EngineFit):
 
     theta: np.ndarray | None = None
     structure: ThetaStructure | None = None
-    criterion: ThetaCriterion | None = None
+    criterion: ThetaCriterion | None = None     # on genes divided by gene_scale
+    gene_scale: np.ndarray | None = None        # c = sqrt(yy / n) per gene
 
 
 def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: Any = None,
@@ -208,10 +209,10 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
     ratios[:, 0] = np.sum(theta[:, :1] ** 2, axis=1)
     for j, ci in enumerate(st.vc_components):
         ratios[:, ci] = theta[:, len(st.re_pairs) + j] ** 2
-    crit_full = ThetaCriterion.from_stats(stats, st, reml)
     fit = ThetaEngineFit(ratios=ratios, scale=scale, llf=llf, converged=converged,
                          n_iter=n_iter, status=status.astype(str), reml=reml,
-                         method="theta-newton", theta=theta, structure=st, criterion=crit_full)
+                         method="theta-newton", theta=theta, structure=st, criterion=crit,
+                         gene_scale=c)
     return RandomSlopesResults(model, fit, df_method=df_method)
 
 
@@ -337,12 +338,28 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         return self._frame(v / total[:, None], self.component_names)
 
     # ------------------------------------------------------------- GLS
+    @property
+    def _crit(self) -> ThetaCriterion:
+        """The criterion on genes divided by ``c = sqrt(yy / n)`` (unit scale)."""
+        assert self._fit.criterion is not None
+        return self._fit.criterion
+
+    @property
+    def _c(self) -> np.ndarray:
+        assert self._fit.gene_scale is not None
+        return self._fit.gene_scale
+
+    @property
+    def _scale_per_unit(self) -> np.ndarray:
+        """Residual variance of every gene divided by ``c**2`` (see :attr:`_crit`)."""
+        return self._fit.scale / self._c ** 2
+
     @cached_property
     def _gls(self) -> ThetaGLS:
         theta = np.where(self._usable[:, None], self._fit.theta, 0.0)
-        crit = self._fit.criterion
-        assert crit is not None
-        est = gls_theta(crit, theta)
+        est = gls_theta(self._crit, theta)           # y / c: scale b and BLUPs back
+        est.fe_params *= self._c[:, None]
+        est.blup_unscaled *= self._c[:, None]
         bad = ~self._usable
         for arr in (est.fe_params, est.cov_unscaled, est.blup_unscaled, est.condvar_unscaled):
             arr[bad] = np.nan
@@ -357,43 +374,41 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         by block, without forming the q x q matrix.
         """
         pos = self.gene(gene)._pos
-        crit = self._fit.criterion
-        assert crit is not None
         if not self._usable[pos]:
             s = self._st.block_size
             return np.full((self._st.n_groups, s, s), np.nan)
-        blocks = condcov_groups(crit.subset(np.array([pos])), self._fit.theta[pos])
+        blocks = condcov_groups(self._crit.subset(np.array([pos])), self._fit.theta[pos])
         return blocks * self._fit.scale[pos]
 
     # ------------------------------------------------------ inference
     @cached_property
     def _info(self) -> np.ndarray:
-        """Deviance Hessian in ``(theta, sigma)`` per gene (lmerTest's parameterisation)."""
+        """Deviance Hessian in ``(theta, sigma / c)`` per gene (lmerTest's, at unit scale).
+
+        Degrees of freedom and the theta block do not depend on the units of y;
+        at unit scale they stay finite for data from 1e-150 to 1e150.
+        """
         t = self._st.n_theta
         out = np.full((self.n_genes, t + 1, t + 1), np.nan)
         ok = np.flatnonzero(self._usable)
         if ok.size:
-            crit = self._fit.criterion
-            assert crit is not None
-            out[ok] = varpar_information(crit.subset(ok), self._fit.theta[ok],
-                                         np.sqrt(self._fit.scale[ok]))
+            out[ok] = varpar_information(self._crit.subset(ok), self._fit.theta[ok],
+                                         np.sqrt(self._scale_per_unit[ok]))
         return out
 
     @cached_property
     def _varpar_cov(self) -> np.ndarray:
-        """Covariance of ``(theta, sigma)``: ``2 H^-1`` on the parameters off their bound."""
+        """Covariance of ``(theta, sigma / c)``: ``2 H^-1`` on the parameters off their bound."""
         return varpar_covariance(self._info, free_parameters(self._st, self._fit.theta))
 
     def _satterthwaite(self, L: np.ndarray) -> np.ndarray:
         out = np.full((self.n_genes, L.shape[-2]), np.nan)
         ok = np.flatnonzero(self._usable)
         if ok.size:
-            crit = self._fit.criterion
-            assert crit is not None
             Lb = L if L.ndim == 2 else L[ok]
-            out[ok] = satterthwaite_theta(crit.subset(ok), self._fit.theta[ok],
-                                          self._fit.scale[ok], self._gls.cov_unscaled[ok], Lb,
-                                          self._info[ok])
+            out[ok] = satterthwaite_theta(self._crit.subset(ok), self._fit.theta[ok],
+                                          self._scale_per_unit[ok], self._gls.cov_unscaled[ok],
+                                          Lb, self._info[ok])
         return out
 
     def contrast_df(self, L: np.ndarray, df_method: str | None = None) -> np.ndarray:
@@ -439,18 +454,14 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         NaN where ``Psi`` is singular (for its entries) or a component is at 0.
         """
         st = self._st
-        t = st.n_theta
-        J = np.zeros((self.n_genes, 0, t + 1))
-        Jpsi = np.concatenate([self._psi_jacobian(), np.zeros((self.n_genes,
-                               len(self.cov_re_names), 1))], axis=2)
-        k = len(st.vc_components)
-        Jvc = np.zeros((self.n_genes, k, t + 1))
-        j0 = st.n_pairs
-        Jvc[:, np.arange(k), j0 + np.arange(k)] = 2.0 * self._fit.theta[:, j0:]
-        J = np.concatenate([J, Jpsi, Jvc], axis=1)
+        t, j0, k = st.n_theta, st.n_pairs, len(st.vc_components)
+        n_psi = len(self.cov_re_names)
+        J = np.zeros((self.n_genes, n_psi + k, t + 1))     # no dependence on sigma
+        J[:, :n_psi, :t] = self._psi_jacobian()
+        J[:, n_psi + np.arange(k), j0 + np.arange(k)] = 2.0 * self._fit.theta[:, j0:]
         se = self._delta_se(J)
-        se[:, :Jpsi.shape[1]][self._singular()] = np.nan
-        se[:, Jpsi.shape[1]:][self._fit.theta[:, j0:] <= 0.0] = np.nan
+        se[:, :n_psi][self._singular()] = np.nan
+        se[:, n_psi:][self._fit.theta[:, j0:] <= 0.0] = np.nan
         cols = self.cov_re_names + [f"{c} Var" for c in self.component_names]
         return self._frame(se, cols)
 
@@ -459,6 +470,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         """Standard errors of ``(theta, sigma)`` from the deviance Hessian (NaN at the boundary)."""
         cols = list(self.theta.columns) + ["sigma"]
         se = np.sqrt(np.abs(np.diagonal(self._varpar_cov, axis1=1, axis2=2)))
+        se[:, -1] *= self._c                                   # sigma / c -> sigma
         return self._frame(np.where(free_parameters(self._st, self._fit.theta), se, np.nan), cols)
 
     @cached_property
@@ -471,7 +483,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         """
         st = self._st
         t = st.n_theta
-        th, sig = self._fit.theta, np.sqrt(self._fit.scale)
+        th, sig = self._fit.theta, np.sqrt(self._scale_per_unit)     # unit scale, see _info
         s2 = sig * sig
         j0, k = st.n_pairs, len(st.vc_components)
         Jvc = np.zeros((self.n_genes, k + 1, t + 1))
@@ -481,7 +493,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         psi = self.cov_re_unscaled.to_numpy()
         Jpsi = np.concatenate([s2[:, None, None] * self._psi_jacobian(),
                                (2.0 * sig[:, None] * psi)[:, :, None]], axis=2)
-        se = self._delta_se(np.concatenate([Jvc, Jpsi], axis=1))
+        se = self._delta_se(np.concatenate([Jvc, Jpsi], axis=1)) * self._c[:, None] ** 2
         se[:, :k][th[:, j0:] <= 0.0] = np.nan
         se[:, k + 1:][self._singular()] = np.nan
         cols = self.component_names + ["residual"] + list(self.cov_re_names)

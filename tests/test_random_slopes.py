@@ -357,7 +357,9 @@ def test_bse_re_is_the_delta_method_of_the_deviance(sleepstudy: pd.DataFrame) ->
     accurate to ~2e-5 (checked against smaller and larger steps), so 1e-4."""
     res = MultiGeneMixedLM.from_formula("~ Days", sleepstudy, endog=sleepstudy[["Reaction"]],
                                         groups="Subject", re_formula="~ Days").fit()
-    crit = res._fit.criterion
+    from flashmm._fit_theta import ThetaCriterion
+
+    crit = ThetaCriterion.from_stats(res.stats, res._fit.structure, True)   # units of y
     sig0 = float(np.sqrt(res.scale.iloc[0]))
     P0 = res.cov_re_unscaled.to_numpy()[0]           # (P11, P21, P22)
 
@@ -420,3 +422,27 @@ def test_bad_exog_re_is_refused(exog_re, match: str) -> None:  # noqa: ANN001
     with pytest.raises(DesignError, match=match):
         MultiGeneMixedLM(Y, np.column_stack([np.ones_like(x), x]), groups=data["grp"],
                          exog_re=exog_re(x))
+
+
+def test_units_of_y_do_not_matter(sleepstudy: pd.DataFrame) -> None:
+    """y and y * 1e+-150 give the same theta, df and relative SEs (genes are fitted at
+    unit scale internally); absolute quantities scale as they must (round-off: 1e-9)."""
+    y = sleepstudy["Reaction"]
+    Y = pd.DataFrame({"a": y, "big": y * 1e150, "small": y * 1e-150})
+    res = MultiGeneMixedLM.from_formula("~ Days", sleepstudy, endog=Y, groups="Subject",
+                                        re_formula="~ Days").fit()
+    assert res.converged.all()
+    for name, k in (("big", 1e150), ("small", 1e-150)):
+        for attr in ("theta", "df_satterthwaite", "bse_re", "cov_re_unscaled"):
+            frame = getattr(res, attr)
+            np.testing.assert_allclose(frame.loc[name], frame.loc["a"], rtol=1e-9)
+        np.testing.assert_allclose(res.fe_params.loc[name], k * res.fe_params.loc["a"], rtol=1e-9)
+        np.testing.assert_allclose(res.bse_fe.loc[name], k * res.bse_fe.loc["a"], rtol=1e-9)
+        np.testing.assert_allclose(res.se_vcomp.loc[name] / k ** 2, res.se_vcomp.loc["a"],
+                                   rtol=1e-9)
+        np.testing.assert_allclose(res.se_theta.loc[name, "sigma"] / k,
+                                   res.se_theta.loc["a", "sigma"], rtol=1e-9)
+        np.testing.assert_allclose(res.random_effects["Subject"].loc[name] / k,
+                                   res.random_effects["Subject"].loc["a"], rtol=1e-9)
+        shift = -(len(y) - 2) * np.log(k)
+        np.testing.assert_allclose(res.llf[name], res.llf["a"] + shift, rtol=1e-12)
