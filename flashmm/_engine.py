@@ -47,11 +47,11 @@ class EngineFit:
     top_vcomp: np.ndarray | None = None
 
 
-def _degenerate_status(stats: SufficientStats, red: Reduced) -> np.ndarray:
-    """Genes that have nothing to fit: all zero, or zero residual after X."""
+def _degenerate_status(stats: SufficientStats, yRy: np.ndarray) -> np.ndarray:
+    """Genes that have nothing to fit: all zero, or zero residual ``yRy`` after X."""
     status = np.full(stats.n_genes, STATUS_OK, dtype=object)
     allzero = stats.yy <= 0.0
-    exact = red.yRy <= 1e-12 * np.maximum(stats.yy, np.finfo(float).tiny)
+    exact = yRy <= 1e-12 * np.maximum(stats.yy, np.finfo(float).tiny)
     status[exact] = STATUS_EXACT
     status[allzero] = STATUS_ALL_ZERO
     return status
@@ -84,7 +84,7 @@ def fit_variance_ratios(
     if c is not None:
         stats = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
     red = reduce_stats(stats)
-    status = _degenerate_status(stats, red)
+    status = _degenerate_status(stats, red.yRy)
     ok = np.flatnonzero(status == STATUS_OK)
     G, k = stats.n_genes, len(stats.components)
     m = red.n - red.p if reml else red.n

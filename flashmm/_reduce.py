@@ -13,7 +13,7 @@ import scipy.linalg as sla
 
 from .stats import SufficientStats
 
-__all__ = ["Reduced", "reduce_stats", "symmetric_eigh"]
+__all__ = ["Reduced", "reduce_stats", "residual_ss", "symmetric_eigh"]
 
 
 @dataclass
@@ -56,6 +56,12 @@ def reduce_stats(stats: SufficientStats) -> Reduced:
     yRy = stats.yy - np.einsum("pg,pg->g", stats.XY, AXY)
     logdet_XX = 2.0 * float(np.sum(np.log(np.diag(chol[0]))))
     return Reduced(ZRZ, ZRy, yRy, logdet_XX, int(stats.n), stats.k_fe)
+
+
+def residual_ss(stats: SufficientStats) -> np.ndarray:
+    """``yRy`` per gene alone (no q x q product): the residual sum of squares after X."""
+    AXY = sla.cho_solve(sla.cho_factor(stats.XX, lower=True), stats.XY)
+    return stats.yy - np.einsum("pg,pg->g", stats.XY, AXY)
 
 
 def symmetric_eigh(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

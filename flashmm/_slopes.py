@@ -35,7 +35,7 @@ from ._fit_theta import (
     varpar_covariance,
     varpar_information,
 )
-from ._reduce import reduce_stats
+from ._reduce import residual_ss
 from .gene import GeneResults, coefficient_table
 from .results import MultiGeneMixedLMResults
 
@@ -183,7 +183,7 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
                          stats.ZZ)
     c = _gene_scale(stats)
     sc = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
-    status = _degenerate_status(sc, reduce_stats(sc))
+    status = _degenerate_status(sc, residual_ss(sc))
     ok = np.flatnonzero(status == STATUS_OK)
     G, t = stats.n_genes, st.n_theta
     crit = ThetaCriterion.from_stats(stats, st, reml, c)

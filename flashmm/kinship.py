@@ -120,7 +120,7 @@ def results_at_heritability(model: MultiGeneMixedLM, h2: Any,
     with np.errstate(divide="ignore"):
         g = np.where(h2 >= 1.0, np.inf, h2 / np.where(h2 >= 1.0, 1.0, 1.0 - h2))
     red = reduce_stats(stats)
-    status = _degenerate_status(stats, red)
+    status = _degenerate_status(stats, red.yRy)
     ok = np.flatnonzero(status == STATUS_OK)
     top = np.isinf(g)
     scale, llf = _scale_and_llf(stats, red, np.where(top, 0.0, g)[:, None], reml, ok)
