@@ -1,7 +1,8 @@
 """Projected Newton for box-constrained criteria, every gene at once.
 
 Shared by the several-component optimiser (ratios ``g >= 0``) and the
-random-slope optimiser (lme4's ``theta`` with lower bounds).  A criterion
+random-slope optimiser (lme4's ``theta``, run without bounds: see
+``flashmm._fit_theta._newton_canonical``).  A criterion
 offers ``subset(idx)``, ``value(x)`` and ``newton_terms(x) -> (f, grad, hess)``
 for stacked parameter rows ``x`` (genes x parameters).
 """
