@@ -129,24 +129,15 @@ def random_slopes_block(exog_re: Any, group_codes: np.ndarray, group_levels: lis
 
 def cov_param_names(names: list[str], independent: bool) -> list[str]:
     """statsmodels' names of the lower triangle of ``Psi`` (row by row)."""
-    out = []
-    for i in range(len(names)):
-        for j in range(i + 1):
-            if i == j:
-                out.append(f"{names[i]} Var")
-            elif not independent:
-                out.append(f"{names[j]} x {names[i]} Cov")
-    return out
+    ii, jj = _tril_rows(len(names), independent)
+    return [f"{names[i]} Var" if i == j else f"{names[j]} x {names[i]} Cov"
+            for i, j in zip(ii, jj, strict=True)]
 
 
 def _tril_rows(r: int, independent: bool) -> tuple[np.ndarray, np.ndarray]:
-    ii, jj = [], []
-    for i in range(r):
-        for j in range(i + 1):
-            if i == j or not independent:
-                ii.append(i)
-                jj.append(j)
-    return np.asarray(ii, dtype=int), np.asarray(jj, dtype=int)
+    """Row and column of every estimated entry of ``Psi``'s lower triangle, row by row."""
+    pairs = [(i, j) for i in range(r) for j in range(i + 1) if i == j or not independent]
+    return (np.array([i for i, _ in pairs], dtype=int), np.array([j for _, j in pairs], dtype=int))
 
 
 # --------------------------------------------------------------------- fit

@@ -10,6 +10,7 @@ or unreadable file becomes a note on the page, never a build failure. Writes
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,200 @@ def _finish_loglog(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path
     fig.savefig(path, dpi=90)
 
 
-def _slopes_section(d: dict[str, Any], figdir: Path, plt: Any) -> list[str]:
+@dataclass
+class _Report:
+    """What the benchmark sections contribute: page text, notes and plot series."""
+
+    figdir: Path
+    plt: Any
+    text: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # label -> [(n_cells, seconds, note)] and label -> [(n_genes, seconds)]
+    cells: dict[str, list[tuple[float, float, str]]] = field(default_factory=dict)
+    genes: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    memory: list[tuple[str, Any]] = field(default_factory=list)
+    quoted_seconds_per_gene: float | None = None
+
+
+def _add_sections(rep: _Report) -> None:
+    """Every known result file: load it and add its section, or a note if it is absent or odd."""
+    for name, build in (("stats.json", _stats_report), ("fit.json", _fit_report),
+                        ("dask_memory.json", _dask_report), ("atlas.json", _atlas_report),
+                        ("slopes.json", _slopes_report)):
+        data, note = _load(name)
+        if note:
+            rep.notes.append(note)
+            continue
+        try:
+            build(data, rep)
+        except (KeyError, TypeError, ValueError) as err:
+            rep.notes.append(f"``{name}`` has an unexpected layout ({err!r}); its table is skipped.")
+
+
+def _stats_report(stats: dict[str, Any], rep: _Report) -> None:
+    """``bench_stats.py``: one pass over the cells."""
+    med, ratio = stats["seconds_median"], stats.get("ratio_to_bare_median", {})
+    peak = stats.get("memory", {}).get("peak_MiB", {})
+    d = stats["data"]
+    rows = []
+    for key in med:
+        label = (
+            "bare ``Y.T @ X``"
+            if key == "bare"
+            else f"``from_design``, chunk {key.split('chunk')[-1]}"
+        )
+        rows.append(
+            [
+                label,
+                f"{med[key]:.3g}",
+                f"{ratio.get(key, 1.0):.3g}",
+                f"{peak[key]:.0f}" if key in peak else "",
+            ]
+        )
+    rep.text += [
+        "Sufficient statistics\n---------------------\n",
+        f"{d['n_cells']:,} cells x {d['n_genes']:,} genes, CSR with density {d.get('density', '?')},"
+        f" {d.get('k_fe', '?')} fixed terms, {d.get('k_re', '?')} random levels. "
+        f"Machine: {_machine(stats)}.\n",
+        _table(
+            "One pass over the cells (median of the repeats)",
+            ["variant", "seconds", "ratio to bare product", "peak MiB (tracemalloc)"],
+            rows,
+        ),
+    ]
+    default = f"stats_chunk{stats.get('default_chunk_size', '')}"
+    if default in med:
+        rep.cells.setdefault("statistics, in process (default chunk)", []).append(
+            (d["n_cells"], med[default], f"{d['n_genes']:,} genes")
+        )
+    if "bare" in med:
+        rep.cells.setdefault("bare sparse product Y.T @ X", []).append(
+            (d["n_cells"], med["bare"], f"{d['n_genes']:,} genes")
+        )
+    mem = stats.get("memory", {})
+    if peak:
+        rep.memory.append(("stats", mem))
+
+
+def _fit_report(fit: dict[str, Any], rep: _Report) -> None:
+    """``bench_fit.py``: the batched fit from the statistics."""
+    d = fit["data"]
+    rows = []
+    for key, label in [
+        ("one_component", f"one component ({d.get('one_component_q', '?')} samples)"),
+        ("two_crossed", f"two crossed components (q = {d.get('two_crossed_q', '?')})"),
+    ]:
+        if key not in fit:
+            continue
+        r = fit[key]
+        rows.append(
+            [
+                label,
+                r.get("optimizer", ""),
+                f"{r['fit_seconds_median']:.3g}",
+                f"{r['per_gene_ms_median']:.3g}",
+                f"{r.get('converged_fraction', float('nan')):.1%}",
+                f"{r.get('boundary_fraction', float('nan')):.1%}",
+                f"{r['satterthwaite_seconds_median']:.3g}"
+                if "satterthwaite_seconds_median" in r
+                else "",
+            ]
+        )
+        rep.genes.setdefault(f"fit, {label}", []).append((d["n_genes"], r["fit_seconds_median"]))
+    rep.text += [
+        "Fitting from the statistics\n---------------------------\n",
+        f"{d['n_genes']:,} genes, {d['n_cells']:,} cells, {d.get('k_fe', '?')} fixed terms; "
+        f"timed: {fit.get('timed', 'the fit')}. Machine: {_machine(fit)}.\n",
+        _table(
+            "All genes at once (median of the repeats)",
+            [
+                "model",
+                "optimiser",
+                "seconds",
+                "ms per gene",
+                "converged",
+                "at the boundary",
+                "Satterthwaite df, all terms (s)",
+            ],
+            rows,
+        ),
+    ]
+    r_ref = fit.get("flashmm_R", {})
+    rep.quoted_seconds_per_gene = r_ref.get("seconds_per_gene")
+    if "seconds_per_gene" in r_ref:
+        rep.text.append(
+            f"\nR FLASHMM is quoted at {1e3 * r_ref['seconds_per_gene']:.3g} ms per gene "
+            f"({r_ref.get('source', 'published figure')}).\n"
+        )
+
+
+def _dask_report(dask: dict[str, Any], rep: _Report) -> None:
+    """``bench_dask_memory.py``: memory per dask worker."""
+    rows = []
+    for r in dask["runs"]:
+        rows.append(
+            [
+                f"{r['n_cells']:,}",
+                f"{r['n_genes']:,}",
+                f"{r['chunk_cells']:,}",
+                f"{r['data_MiB']:.0f}",
+                f"{r['memory_limit_MiB']:.0f}",
+                f"{max(r['peak_rss_MiB']):.0f}",
+                f"{r['wall_s']:.3g}",
+            ]
+        )
+        rep.cells.setdefault(f"statistics with dask, chunk {r['chunk_cells']:,}", []).append(
+            (r["n_cells"], r["wall_s"], f"{r['n_genes']:,} genes")
+        )
+    meta = dask.get("meta", {})
+    rep.text += [
+        "Statistics with dask\n--------------------\n",
+        f"{meta.get('description', '')}. Design: {meta.get('design', '?')}. "
+        f"Machine: {_machine(dask)}.\n",
+        _table(
+            "Peak resident memory per worker",
+            [
+                "cells",
+                "genes",
+                "cells per chunk",
+                "data MiB",
+                "worker limit MiB",
+                "peak RSS MiB (max over workers)",
+                "wall s",
+            ],
+            rows,
+        ),
+    ]
+    rep.memory.append(("dask", dask["runs"]))
+
+
+def _atlas_report(atlas: dict[str, Any], rep: _Report) -> None:
+    """``bench_atlas.py``: end to end on a backed .h5ad."""
+    rep.text += [
+        "End to end on an atlas-sized file\n---------------------------------\n",
+        _table(
+            "``flashmm fit`` on a backed .h5ad",
+            ["cells", "genes", "file GB", "fit seconds", "peak RSS GB", "meets targets"],
+            [
+                [
+                    f"{atlas['n_cells']:,}",
+                    f"{atlas['n_genes']:,}",
+                    atlas.get("file_gb", ""),
+                    atlas["fit_seconds"],
+                    atlas.get("peak_rss_gb", ""),
+                    atlas.get("meets_targets", ""),
+                ]
+            ],
+        ),
+    ]
+    rep.cells.setdefault("flashmm fit end to end (backed h5ad)", []).append(
+        (atlas["n_cells"], atlas["fit_seconds"], f"{atlas['n_genes']:,} genes")
+    )
+
+
+def _slopes_report(d: dict[str, Any], rep: _Report) -> None:
     """Table and plot of ``bench_slopes.py``: cost per gene against the number of groups."""
-    rows = d["rows"]
+    rows, figdir, plt = d["rows"], rep.figdir, rep.plt
 
     def ms(x: Any) -> str:
         return "-" if x is None else f"{x:.3g}"
@@ -103,7 +295,7 @@ def _slopes_section(d: dict[str, Any], figdir: Path, plt: Any) -> list[str]:
     _finish_loglog(fig, ax, "groups m", "ms per gene",
                    "Random slopes: cost per gene against the number of groups",
                    figdir / "slopes_groups.png")
-    return ["Random slopes\n-------------\n", table, f"\n{slope_text}. Machine: {_machine(d)}.\n\n",
+    rep.text += ["Random slopes\n-------------\n", table, f"\n{slope_text}. Machine: {_machine(d)}.\n\n",
             _fig("slopes_groups.png", figdir), "\n"]
 
 
@@ -115,203 +307,10 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
 
     figdir = Path(out) / "performance"
     figdir.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
-    text: list[str] = [
-        ".. This file is written by docs/_scripts/performance.py at every build; do not edit.\n"
-    ]
-    cells_series: dict[str, list[tuple[float, float, str]]] = {}  # label -> (n_cells, s, note)
-    genes_series: dict[str, list[tuple[float, float]]] = {}
-    mem_panels: list[tuple[str, Any]] = []
-
-    # ---------------------------------------------------------------- statistics
-    stats, note = _load("stats.json")
-    if note:
-        notes.append(note)
-    if stats:
-        try:
-            med, ratio = stats["seconds_median"], stats.get("ratio_to_bare_median", {})
-            peak = stats.get("memory", {}).get("peak_MiB", {})
-            d = stats["data"]
-            rows = []
-            for key in med:
-                label = (
-                    "bare ``Y.T @ X``"
-                    if key == "bare"
-                    else f"``from_design``, chunk {key.split('chunk')[-1]}"
-                )
-                rows.append(
-                    [
-                        label,
-                        f"{med[key]:.3g}",
-                        f"{ratio.get(key, 1.0):.3g}",
-                        f"{peak[key]:.0f}" if key in peak else "",
-                    ]
-                )
-            text += [
-                "Sufficient statistics\n---------------------\n",
-                f"{d['n_cells']:,} cells x {d['n_genes']:,} genes, CSR with density {d.get('density', '?')},"
-                f" {d.get('k_fe', '?')} fixed terms, {d.get('k_re', '?')} random levels. "
-                f"Machine: {_machine(stats)}.\n",
-                _table(
-                    "One pass over the cells (median of the repeats)",
-                    ["variant", "seconds", "ratio to bare product", "peak MiB (tracemalloc)"],
-                    rows,
-                ),
-            ]
-            default = f"stats_chunk{stats.get('default_chunk_size', '')}"
-            if default in med:
-                cells_series.setdefault("statistics, in process (default chunk)", []).append(
-                    (d["n_cells"], med[default], f"{d['n_genes']:,} genes")
-                )
-            if "bare" in med:
-                cells_series.setdefault("bare sparse product Y.T @ X", []).append(
-                    (d["n_cells"], med["bare"], f"{d['n_genes']:,} genes")
-                )
-            mem = stats.get("memory", {})
-            if peak:
-                mem_panels.append(("stats", mem))
-        except (KeyError, TypeError) as err:
-            notes.append(f"``stats.json`` has an unexpected layout ({err!r}); its table is skipped.")
-
-    # ----------------------------------------------------------------------- fit
-    fit, note = _load("fit.json")
-    if note:
-        notes.append(note)
-    if fit:
-        try:
-            d = fit["data"]
-            rows = []
-            for key, label in [
-                ("one_component", f"one component ({d.get('one_component_q', '?')} samples)"),
-                ("two_crossed", f"two crossed components (q = {d.get('two_crossed_q', '?')})"),
-            ]:
-                if key not in fit:
-                    continue
-                r = fit[key]
-                rows.append(
-                    [
-                        label,
-                        r.get("optimizer", ""),
-                        f"{r['fit_seconds_median']:.3g}",
-                        f"{r['per_gene_ms_median']:.3g}",
-                        f"{r.get('converged_fraction', float('nan')):.1%}",
-                        f"{r.get('boundary_fraction', float('nan')):.1%}",
-                        f"{r['satterthwaite_seconds_median']:.3g}"
-                        if "satterthwaite_seconds_median" in r
-                        else "",
-                    ]
-                )
-                genes_series.setdefault(f"fit, {label}", []).append((d["n_genes"], r["fit_seconds_median"]))
-            text += [
-                "Fitting from the statistics\n---------------------------\n",
-                f"{d['n_genes']:,} genes, {d['n_cells']:,} cells, {d.get('k_fe', '?')} fixed terms; "
-                f"timed: {fit.get('timed', 'the fit')}. Machine: {_machine(fit)}.\n",
-                _table(
-                    "All genes at once (median of the repeats)",
-                    [
-                        "model",
-                        "optimiser",
-                        "seconds",
-                        "ms per gene",
-                        "converged",
-                        "at the boundary",
-                        "Satterthwaite df, all terms (s)",
-                    ],
-                    rows,
-                ),
-            ]
-            r_ref = fit.get("flashmm_R", {})
-            if "seconds_per_gene" in r_ref:
-                text.append(
-                    f"\nR FLASHMM is quoted at {1e3 * r_ref['seconds_per_gene']:.3g} ms per gene "
-                    f"({r_ref.get('source', 'published figure')}).\n"
-                )
-        except (KeyError, TypeError) as err:
-            notes.append(f"``fit.json`` has an unexpected layout ({err!r}); its table is skipped.")
-
-    # ---------------------------------------------------------------------- dask
-    dask, note = _load("dask_memory.json")
-    if note:
-        notes.append(note)
-    if dask:
-        try:
-            rows = []
-            for r in dask["runs"]:
-                rows.append(
-                    [
-                        f"{r['n_cells']:,}",
-                        f"{r['n_genes']:,}",
-                        f"{r['chunk_cells']:,}",
-                        f"{r['data_MiB']:.0f}",
-                        f"{r['memory_limit_MiB']:.0f}",
-                        f"{max(r['peak_rss_MiB']):.0f}",
-                        f"{r['wall_s']:.3g}",
-                    ]
-                )
-                cells_series.setdefault(f"statistics with dask, chunk {r['chunk_cells']:,}", []).append(
-                    (r["n_cells"], r["wall_s"], f"{r['n_genes']:,} genes")
-                )
-            meta = dask.get("meta", {})
-            text += [
-                "Statistics with dask\n--------------------\n",
-                f"{meta.get('description', '')}. Design: {meta.get('design', '?')}. "
-                f"Machine: {_machine(dask)}.\n",
-                _table(
-                    "Peak resident memory per worker",
-                    [
-                        "cells",
-                        "genes",
-                        "cells per chunk",
-                        "data MiB",
-                        "worker limit MiB",
-                        "peak RSS MiB (max over workers)",
-                        "wall s",
-                    ],
-                    rows,
-                ),
-            ]
-            mem_panels.append(("dask", dask["runs"]))
-        except (KeyError, TypeError, ValueError) as err:
-            notes.append(f"``dask_memory.json`` has an unexpected layout ({err!r}); its table is skipped.")
-
-    # --------------------------------------------------------------------- atlas
-    atlas, note = _load("atlas.json")
-    if note:
-        notes.append(note)
-    if atlas:
-        try:
-            text += [
-                "End to end on an atlas-sized file\n---------------------------------\n",
-                _table(
-                    "``flashmm fit`` on a backed .h5ad",
-                    ["cells", "genes", "file GB", "fit seconds", "peak RSS GB", "meets targets"],
-                    [
-                        [
-                            f"{atlas['n_cells']:,}",
-                            f"{atlas['n_genes']:,}",
-                            atlas.get("file_gb", ""),
-                            atlas["fit_seconds"],
-                            atlas.get("peak_rss_gb", ""),
-                            atlas.get("meets_targets", ""),
-                        ]
-                    ],
-                ),
-            ]
-            cells_series.setdefault("flashmm fit end to end (backed h5ad)", []).append(
-                (atlas["n_cells"], atlas["fit_seconds"], f"{atlas['n_genes']:,} genes")
-            )
-        except (KeyError, TypeError) as err:
-            notes.append(f"``atlas.json`` has an unexpected layout ({err!r}); its table is skipped.")
-
-    # -------------------------------------------------------------- random slopes
-    slopes, note = _load("slopes.json")
-    if note:
-        notes.append(note)
-    if slopes:
-        try:
-            text += _slopes_section(slopes, figdir, plt)
-        except (KeyError, TypeError, ValueError) as err:
-            notes.append(f"``slopes.json`` has an unexpected layout ({err!r}); its table is skipped.")
+    rep = _Report(figdir, plt)
+    _add_sections(rep)
+    notes, text = rep.notes, rep.text
+    cells_series, genes_series, mem_panels = rep.cells, rep.genes, rep.memory
 
     # ------------------------------------------------------- generic sweeps
     for path in sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []:
@@ -350,7 +349,7 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         for label, pts in genes_series.items():
             pts = sorted(pts)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, ms=6)
-        spg = (fit or {}).get("flashmm_R", {}).get("seconds_per_gene")
+        spg = rep.quoted_seconds_per_gene
         if spg:
             xs = [100, xmax]
             ax.plot(
@@ -421,7 +420,7 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
         head.append("*No benchmark results were found, so there is nothing to plot.*\n")
     if notes:
         head += ["\n.. note::\n"] + [f"   * {n}" for n in notes] + [""]
-    Path(out, "performance.rst").write_text("\n".join(head + text[1:]) + "\n")
+    Path(out, "performance.rst").write_text("\n".join(head + text) + "\n")
 
 
 if __name__ == "__main__":
