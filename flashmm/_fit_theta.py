@@ -48,12 +48,13 @@ canonical afterwards, see :func:`_newton_canonical`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from ._design import RandomComponent
 from ._newton import projected_newton
+from ._structure import Lambda, ThetaStructure, _bmm, theta_structure
 
 __all__ = [
     "ThetaStructure",
@@ -69,229 +70,6 @@ __all__ = [
     "satterthwaite_theta",
     "varpar_information",
 ]
-
-
-# ------------------------------------------------------------------ layout
-@dataclass
-class ThetaStructure:
-    """Where every column of ``Z`` and every ``theta_j`` sits (shared by all genes).
-
-    Attributes
-    ----------
-    q : int
-        Number of random effects (columns of Z).
-    re_dim : int
-        r, the number of correlated random effects per group.
-    re_pairs : list of (int, int)
-        ``(a, b)`` position in ``T`` of the first ``len(re_pairs)`` thetas.
-    lower : ndarray, shape (t,)
-        Lower bound of each ``theta_j`` (0 for standard deviations, -inf otherwise).
-    vc_components : list of int
-        For every variance component (after the random-slope block): its index
-        among the model's components; its theta follows the T entries.
-    slot_cols : ndarray of int, shape (m, s)
-        Column of Z in every slot of every group block (-1: empty slot).  The
-        first r slots of group g are its random effects.
-    slot_theta : ndarray of int, shape (m, s)
-        theta index of the nested variance-component slots (-1 elsewhere).
-    glob_cols, glob_theta : ndarray of int, shape (d,)
-        Columns of the components that are not nested, and their theta index.
-    """
-
-    q: int
-    re_dim: int
-    re_pairs: list[tuple[int, int]]
-    lower: np.ndarray
-    vc_components: list[int]
-    slot_cols: np.ndarray
-    slot_theta: np.ndarray
-    glob_cols: np.ndarray
-    glob_theta: np.ndarray
-
-    @property
-    def n_theta(self) -> int:
-        """Number of covariance parameters t."""
-        return self.lower.size
-
-    @property
-    def n_pairs(self) -> int:
-        """Number of parameters in ``T``."""
-        return len(self.re_pairs)
-
-    @property
-    def bounded(self) -> np.ndarray:
-        """Mask of the parameters bounded below by 0."""
-        return np.isfinite(self.lower)
-
-    @property
-    def n_groups(self) -> int:
-        """m, the number of group blocks."""
-        return self.slot_cols.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        """s, slots per group block."""
-        return self.slot_cols.shape[1]
-
-    def tfactor(self, theta: np.ndarray) -> np.ndarray:
-        """The r x r factor ``T`` per gene, shape (G, r, r)."""
-        r = self.re_dim
-        T = np.zeros((theta.shape[0], r, r))
-        for j, (a, b) in enumerate(self.re_pairs):
-            T[:, a, b] = theta[:, j]
-        return T
-
-    def canonical(self, theta: np.ndarray) -> np.ndarray:
-        """The same ``T T'`` with ``T_aa >= 0`` (columns of T flipped) and factors ``>= 0``."""
-        out = np.array(theta, dtype=float)
-        for a in range(self.re_dim):
-            col = [j for j, (_, b) in enumerate(self.re_pairs) if b == a]
-            diag = next(j for j in col if self.re_pairs[j][0] == a)
-            sign = np.where(out[:, diag] < 0.0, -1.0, 1.0)
-            out[:, col] *= sign[:, None]
-        out[:, self.n_pairs:] = np.abs(out[:, self.n_pairs:])
-        return out
-
-    def start(self, value: float, G: int) -> np.ndarray:
-        """Starting point ``T = value I``, variance-component factors ``value``."""
-        th = np.zeros((G, self.n_theta))
-        for j, (a, b) in enumerate(self.re_pairs):
-            if a == b:
-                th[:, j] = value
-        th[:, self.n_pairs:] = value
-        return th
-
-    def lam(self, theta: np.ndarray) -> Lambda:
-        """``Lambda`` of every gene in block form."""
-        T = self.tfactor(theta)
-        s, r = self.block_size, self.re_dim
-        if s == r:
-            blocks = T[:, None]                           # the same T in every group
-        else:
-            blocks = np.zeros((theta.shape[0], self.n_groups, s, s))
-            blocks[:, :, :r, :r] = T[:, None]
-            gi, ki = np.nonzero(self.slot_theta >= 0)
-            blocks[:, gi, ki, ki] = theta[:, self.slot_theta[gi, ki]]
-        return Lambda(blocks, theta[:, self.glob_theta])
-
-    def collect(self, tsum: np.ndarray, slot_diag: np.ndarray, glob_diag: np.ndarray
-                ) -> np.ndarray:
-        """Sum block quantities over the support of every ``Lambda_j``.
-
-        Parameters
-        ----------
-        tsum : ndarray (..., r, r)
-            The T-part, already summed over groups.
-        slot_diag : ndarray (..., m, s)
-            Per-slot diagonal entries (only nested variance-component slots count).
-        glob_diag : ndarray (..., d)
-            Diagonal entries of the global block.
-
-        Returns
-        -------
-        ndarray (..., t)
-        """
-        out = np.zeros(tsum.shape[:-2] + (self.n_theta,))
-        pa, pb = np.array(self.re_pairs, dtype=int).reshape(-1, 2).T
-        out[..., :self.n_pairs] = tsum[..., pa, pb]
-        gi, ki = np.nonzero(self.slot_theta >= 0)
-        if gi.size:
-            np.add.at(np.moveaxis(out, -1, 0), self.slot_theta[gi, ki],
-                      np.moveaxis(slot_diag[..., gi, ki], -1, 0))
-        if self.glob_cols.size:
-            np.add.at(np.moveaxis(out, -1, 0), self.glob_theta,
-                      np.moveaxis(glob_diag, -1, 0))
-        return out
-
-    def pair_sums(self, x: tuple[np.ndarray, np.ndarray], y: tuple[np.ndarray, np.ndarray],
-                  contract: bool) -> np.ndarray:
-        """``sum_{(k,l) in supp Lambda_j} x_k y_l`` for block vectors with k columns.
-
-        ``x`` and ``y`` are block-form vectors ``((G, m, s, k), (G, d, k))``.
-        Returns (G, t) when ``contract`` (sum over the k columns), else (G, k, t).
-        """
-        r = self.re_dim
-        x1, x2 = x
-        y1, y2 = y
-        if contract:
-            G = x1.shape[0]
-            xr = np.swapaxes(x1[:, :, :r], 1, 2).reshape(G, r, -1)
-            yr = np.swapaxes(y1[:, :, :r], 1, 2).reshape(G, r, -1)
-            tsum = xr @ np.swapaxes(yr, 1, 2)
-            return self.collect(tsum, np.sum(x1 * y1, axis=-1), np.sum(x2 * y2, axis=-1))
-        tsum = np.einsum("gmak,gmbk->gkab", x1[:, :, :r], y1[:, :, :r])
-        return self.collect(tsum, np.moveaxis(x1 * y1, -1, 1), np.moveaxis(x2 * y2, -1, 1))
-
-
-def theta_structure(components: tuple[RandomComponent, ...], re_dim: int, independent: bool,
-                    ZZ: np.ndarray | None = None) -> ThetaStructure:
-    """Build the block layout: component 0 is the random-slope block.
-
-    Parameters
-    ----------
-    components : tuple of RandomComponent
-        All components; the first holds ``m * r`` effects ordered group by group
-        (r consecutive columns per group).
-    re_dim : int
-        r, effects per group in the first component.
-    independent : bool
-        Diagonal ``T`` (independent random effects) instead of lower-triangular.
-    ZZ : ndarray, optional
-        ``Z'Z``; when given, components labelled as nested are checked to have
-        no cross products between groups (otherwise they go to the global block).
-    """
-    sizes = [c.size for c in components]
-    r = re_dim
-    m = sizes[0] // r
-    pairs = [(a, b) for b in range(r) for a in range(b, r) if (a == b or not independent)]
-    lower = [0.0 if a == b else -np.inf for a, b in pairs]
-    group_of = {g: i for i, g in enumerate((components[0].groups or ())[::r])}
-    nested: list[list[tuple[int, int]]] = [[] for _ in range(m)]
-    glob: list[tuple[int, int]] = []
-    vc: list[int] = []
-    off = sizes[0]
-    for ci, comp in enumerate(components[1:], start=1):
-        j = len(lower)
-        lower.append(0.0)
-        vc.append(ci)
-        cols = range(off, off + comp.size)
-        if comp.groups is not None and len(group_of) == m and all(
-                g in group_of for g in comp.groups):
-            for col, g in zip(cols, comp.groups, strict=True):
-                nested[group_of[g]].append((col, j))
-        else:
-            glob.extend((col, j) for col in cols)
-        off += comp.size
-    st = _layout(int(sum(sizes)), r, m, pairs, np.asarray(lower), vc, nested, glob)
-    if ZZ is not None and nested and any(nested) and not _is_block_diagonal(ZZ, st):
-        return _layout(st.q, r, m, pairs, st.lower, vc, [[] for _ in range(m)],
-                       sorted(glob + [x for blk in nested for x in blk]))
-    return st
-
-
-def _layout(q: int, r: int, m: int, pairs: list[tuple[int, int]], lower: np.ndarray,
-            vc: list[int], nested: list[list[tuple[int, int]]],
-            glob: list[tuple[int, int]]) -> ThetaStructure:
-    s = r + max((len(b) for b in nested), default=0)
-    slot_cols = np.full((m, s), -1, dtype=int)
-    slot_theta = np.full((m, s), -1, dtype=int)
-    slot_cols[:, :r] = np.arange(m)[:, None] * r + np.arange(r)[None]
-    for g, blk in enumerate(nested):
-        for k, (col, j) in enumerate(blk):
-            slot_cols[g, r + k] = col
-            slot_theta[g, r + k] = j
-    gc = np.array([c for c, _ in glob], dtype=int)
-    gt = np.array([j for _, j in glob], dtype=int)
-    return ThetaStructure(q, r, pairs, lower, vc, slot_cols, slot_theta, gc, gt)
-
-
-def _is_block_diagonal(ZZ: np.ndarray, st: ThetaStructure) -> bool:
-    """No cross products between the columns of different group blocks."""
-    valid = st.slot_cols >= 0
-    cols = st.slot_cols[valid]
-    owner = np.nonzero(valid)[0]
-    sub = np.abs(ZZ[np.ix_(cols, cols)])
-    return not np.any(sub[owner[:, None] != owner[None, :]] > 0.0)
 
 
 # ------------------------------------------------------------ block algebra
@@ -328,6 +106,12 @@ class BlockZZ:
         C = ZZ[np.ix_(st.glob_cols, st.glob_cols)]
         return cls(st, A, B, C, ZX[sc] * valid[:, :, None], ZX[st.glob_cols])
 
+    @cached_property
+    def arrowhead(self) -> bool:
+        """Every group block is an arrowhead: its slots after the first share no cells."""
+        rest = self.A[:, 1:, 1:]
+        return not np.any(rest - rest * np.eye(rest.shape[-1]))
+
     def split(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(G, q, k) in the order of Z's columns -> block form ((G, m, s, k), (G, d, k))."""
         valid = self.st.slot_cols >= 0
@@ -347,8 +131,9 @@ class BlockZZ:
         o1 = _bmm(self.A, v1)
         o2 = self.C @ v2
         if self.C.size:
-            o1 = o1 + np.einsum("msd,gdk->gmsk", self.B, v2)
-            o2 = o2 + np.einsum("msd,gmsk->gdk", self.B, v1)
+            Bf = self.B.reshape(-1, self.B.shape[-1])                 # (m s, d)
+            o1 = o1 + (Bf @ v2).reshape(o1.shape)
+            o2 = o2 + Bf.T @ _flat(v1)
         return o1, o2
 
     def times_zx(self, b: np.ndarray) -> np.ndarray:
@@ -362,25 +147,31 @@ class BlockZZ:
                 np.broadcast_to(self.ZX2, (G,) + self.ZX2.shape))
 
 
-@dataclass
-class Lambda:
-    """``Lambda`` of G genes: group blocks (G, m or 1, s, s) and global diagonal (G, d)."""
-
-    blocks: np.ndarray
-    dvec: np.ndarray
-
-    def t(self, v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``Lambda' v``."""
-        return _bmm(np.swapaxes(self.blocks, -1, -2), v1), self.dvec[:, :, None] * v2
-
-    def apply(self, v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``Lambda v``."""
-        return _bmm(self.blocks, v1), self.dvec[:, :, None] * v2
-
-
 def _logdet_pd(M: np.ndarray) -> np.ndarray:
     L = np.linalg.cholesky(M)
     return 2.0 * np.sum(np.log(np.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
+
+
+def _arrowhead_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse and log-determinant of arrowhead SPD blocks (..., s, s) in O(s^2).
+
+    ``M = [[a, b'], [b, diag(c)]]`` (a group's intercept, then effects nested in
+    it that share no cells, as ``donor:celltype`` within ``donor``): with
+    ``w = b / c`` and ``h = a - b'w``, ``M^-1 = [[1/h, -w'/h], [-w/h, diag(1/c) + w w'/h]]``
+    and ``log|M| = log h + sum log c`` (MATH.md, nested arrowhead identity).
+    """
+    s = M.shape[-1]
+    c = np.diagonal(M, axis1=-2, axis2=-1)[..., 1:]
+    b = M[..., 1:, 0]
+    w = b / c
+    h = M[..., 0, 0] - np.sum(b * w, axis=-1)
+    out = np.empty(M.shape)
+    out[..., 0, 0] = 1.0 / h
+    out[..., 0, 1:] = out[..., 1:, 0] = -w / h[..., None]
+    out[..., 1:, 1:] = w[..., :, None] * w[..., None, :] / h[..., None, None]
+    idx = np.arange(1, s)
+    out[..., idx, idx] += 1.0 / c
+    return out, np.log(h) + np.sum(np.log(c), axis=-1)
 
 
 def _small_spd_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -408,20 +199,9 @@ def _small_spd_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _bmm(np.swapaxes(Li, -1, -2), Li), logdet
 
 
-def _bmm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``A @ B`` for stacks of small matrices.
-
-    numpy's batched matmul pays a per-matrix overhead that dominates for
-    millions of 2 x 2 blocks; with an inner dimension of at most 4 the product
-    is unrolled into broadcast multiply-adds over the whole stack.
-    """
-    k = A.shape[-1]
-    if k > 4:
-        return A @ B
-    out = A[..., :, :1] * B[..., :1, :]
-    for j in range(1, k):
-        out = out + A[..., :, j:j + 1] * B[..., j:j + 1, :]
-    return out
+def _flat(v: np.ndarray) -> np.ndarray:
+    """Group-block form (G, m, s, k) as one matrix per gene (G, m s, k), for BLAS products."""
+    return v.reshape(v.shape[0], int(np.prod(v.shape[1:-1])), v.shape[-1])
 
 
 def _sym(M: np.ndarray) -> np.ndarray:
@@ -446,19 +226,19 @@ class MFactor:
     @classmethod
     def build(cls, zz: BlockZZ, lam: Lambda) -> MFactor:
         """Factorise ``M`` for the genes of ``lam``."""
-        Lt = np.swapaxes(lam.blocks, -1, -2)
         s = zz.A.shape[-1]
-        M11 = _sym(np.eye(s) + _bmm(_bmm(Lt, zz.A), lam.blocks))
-        M11inv, logdet11 = _small_spd_inverse(M11)
+        M11 = _sym(np.eye(s) + lam.sandwich(zz.A))
+        M11inv, logdet11 = (_arrowhead_inverse(M11) if zz.arrowhead and lam.diag is not None
+                            else _small_spd_inverse(M11))
         logdet = np.sum(logdet11, axis=1)
         G, d = lam.dvec.shape
         if d == 0:
             empty = np.zeros(M11.shape[:3] + (0,))
             return cls(M11inv, empty, empty, np.zeros((G, 0, 0)), logdet)
-        M12 = _bmm(Lt, zz.B) * lam.dvec[:, None, None, :]
+        M12 = lam.left_t(zz.B) * lam.dvec[:, None, None, :]
         F = _bmm(M11inv, M12)
         Sc = (np.eye(d) + lam.dvec[:, :, None] * zz.C * lam.dvec[:, None, :]
-              - np.einsum("gmsd,gmse->gde", M12, F))
+              - np.swapaxes(_flat(M12), 1, 2) @ _flat(F))
         Sc = _sym(Sc)
         return cls(M11inv, M12, F, _sym(np.linalg.inv(Sc)), logdet + _logdet_pd(Sc))
 
@@ -467,8 +247,8 @@ class MFactor:
         y1 = _bmm(self.M11inv, b1)
         if self.Scinv.shape[-1] == 0:
             return y1, b2
-        x2 = self.Scinv @ (b2 - np.einsum("gmsd,gmsk->gdk", self.M12, y1))
-        return y1 - np.einsum("gmsd,gdk->gmsk", self.F, x2), x2
+        x2 = self.Scinv @ (b2 - np.swapaxes(_flat(self.M12), 1, 2) @ _flat(y1))
+        return y1 - (_flat(self.F) @ x2).reshape(y1.shape), x2
 
     def inverse_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """Selected inverse: the group blocks of ``M^-1`` (G, m, s, s) and ``F Sc^-1``.
@@ -476,7 +256,7 @@ class MFactor:
         The (group, global) blocks of ``M^-1`` are ``-F Sc^-1`` and the global
         block is ``Sc^-1``.
         """
-        FS = self.F @ self.Scinv[:, None]
+        FS = (_flat(self.F) @ self.Scinv).reshape(self.F.shape)
         return self.M11inv + FS @ np.swapaxes(self.F, -1, -2), FS
 
 
@@ -572,12 +352,12 @@ class ThetaCriterion:
         """``d log|M| / dtheta``: the supports of ``ZZ Lambda M^-1`` (selected inverse)."""
         lam, zz = sol.lam, self.zz
         Minv, FS = sol.fac.inverse_blocks()
-        P1 = _bmm(_bmm(zz.A, lam.blocks), Minv)
+        P1 = _bmm(lam.right(zz.A), Minv)
         r = self.st.re_dim
         if FS.shape[-1]:
             P1 = P1 - (zz.B * lam.dvec[:, None, None, :]) @ np.swapaxes(FS, -1, -2)
             P2 = (np.einsum("ic,gc,gci->gi", zz.C, lam.dvec, sol.fac.Scinv)
-                  - np.einsum("msi,gmsi->gi", zz.B, _bmm(lam.blocks, FS)))
+                  - np.einsum("msi,gmsi->gi", zz.B, lam.left(FS)))
         else:
             P2 = np.zeros(lam.dvec.shape)
         diag = np.diagonal(P1, axis1=-2, axis2=-1)
@@ -613,7 +393,7 @@ class ThetaCriterion:
         """``d log|X'H^-1X| / dtheta = -2 sum (E C U')_kl`` (REML only)."""
         U = (sol.W[0][..., 1:], sol.W[1][..., 1:])
         E = self.minus_zz_lambda(self.zz.zx(sol.b.shape[0]), sol.lam, U)
-        EC = (E[0] @ sol.C[:, None], E[1] @ sol.C)
+        EC = ((_flat(E[0]) @ sol.C).reshape(E[0].shape), E[1] @ sol.C)
         return -2.0 * self.st.pair_sums(EC, U, contract=True)
 
     def minus_zz_lambda(self, z: tuple[np.ndarray, np.ndarray], lam: Lambda,
@@ -929,7 +709,9 @@ def satterthwaite_theta(crit: ThetaCriterion, theta: np.ndarray, scale: np.ndarr
     for idx in crit.chunks():
         lam = crit.st.lam(theta[idx])
         fac = MFactor.build(zz, lam)
-        w = (np.einsum("msp,grp->gmsr", zz.ZX1, Wc[idx]), np.einsum("dp,grp->gdr", zz.ZX2, Wc[idx]))
+        m, s, p = zz.ZX1.shape
+        WcT = np.swapaxes(Wc[idx], 1, 2)                                  # (G, p, r)
+        w = ((zz.ZX1.reshape(m * s, p) @ WcT).reshape(len(idx), m, s, -1), zz.ZX2 @ WcT)
         k = fac.solve(*lam.t(*w))
         a = crit.minus_zz_lambda(w, lam, k)
         grad[idx, :, :t] = 2.0 * scale[idx, None, None] * crit.st.pair_sums(a, k, contract=False)

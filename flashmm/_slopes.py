@@ -31,11 +31,11 @@ from ._fit_theta import (
     gls_theta,
     minimise_theta,
     satterthwaite_theta,
-    theta_structure,
     varpar_covariance,
     varpar_information,
 )
 from ._reduce import residual_ss
+from ._structure import analyse_structure
 from .gene import GeneResults, coefficient_table
 from .results import MultiGeneMixedLMResults
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .model import MultiGeneMixedLM
     from .stats import SufficientStats
 
-__all__ = ["random_slopes_block", "fit_random_slopes", "RandomSlopesResults",
+__all__ = ["random_slopes_block", "fit_structured", "RandomSlopesResults",
            "RandomSlopesGeneResults", "SLOPES_KEY"]
 
 SLOPES_KEY = "random_slopes"
@@ -155,23 +155,28 @@ class ThetaEngineFit(EngineFit):
     gene_scale: np.ndarray | None = None        # c = sqrt(yy / n) per gene
 
 
-def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: Any = None,
-                      maxiter: int = 200, tol: float = 1e-10,
-                      allow_negative_variance: bool = False,
-                      df_method: str = "satterthwaite") -> RandomSlopesResults:
-    """Fit correlated random effects for every gene (see :mod:`flashmm._fit_theta`).
+def fit_structured(model: MultiGeneMixedLM, reml: bool = True, start_params: Any = None,
+                   maxiter: int = 200, tol: float = 1e-10,
+                   df_method: str = "satterthwaite") -> RandomSlopesResults:
+    """Fit every gene through the structured engine (see :mod:`flashmm._fit_theta`).
 
-    ``start_params``, if given, is lme4's ``theta`` (length t or genes x t):
-    the lower triangle of ``T`` column by column, then ``sqrt`` of every
-    variance-component ratio.  It is tried in addition to the default starts.
+    Covers random slopes (``exog_re`` / ``re_formula``) and several variance
+    components, nested or crossed, in any combination; the block layout of
+    ``M`` is chosen by :func:`flashmm._structure.analyse_structure`.
+
+    ``start_params``, if given, is tried in addition to the default starts:
+    with random slopes, lme4's ``theta`` (length t or genes x t: the lower
+    triangle of ``T`` column by column, then ``sqrt`` of every
+    variance-component ratio); otherwise the variance ratios ``s_i / s``
+    (length k or genes x k), as for the other optimisers.
     """
-    if allow_negative_variance:
-        raise DesignError("allow_negative_variance=True is not available with exog_re / "
-                          "re_formula random slopes.")
     stats = model.stats
-    meta = stats.info[SLOPES_KEY]
-    st = theta_structure(stats.components, int(meta["dim"]), bool(meta["independent"]),
-                         stats.ZZ)
+    meta = stats.info.get(SLOPES_KEY)
+    if meta is None:
+        st = analyse_structure(stats.components, stats.ZZ)
+    else:
+        st = analyse_structure(stats.components, stats.ZZ, re_dim=int(meta["dim"]),
+                               independent=bool(meta["independent"]))
     c = _gene_scale(stats)
     sc = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
     status = _degenerate_status(sc, residual_ss(sc))
@@ -186,8 +191,10 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
     llf = np.full(G, np.nan)
     if ok.size:
         sub = crit.subset(ok)
-        start = None if start_params is None else np.broadcast_to(
-            np.asarray(start_params, dtype=float), (G, t))[ok]
+        start = None
+        if start_params is not None:
+            start = np.asarray(start_params, dtype=float)
+            start = np.broadcast_to(start if meta is not None else np.sqrt(start), (G, t))[ok]
         res = minimise_theta(sub, tol=tol, maxiter=maxiter, start_theta=start)
         theta[ok], converged[ok], n_iter[ok] = res.theta, res.converged, res.n_iter
         S, logdet, _, _ = sub.parts(res.theta, grad=False)
@@ -197,7 +204,8 @@ def fit_random_slopes(model: MultiGeneMixedLM, reml: bool = True, start_params: 
     _warn_not_converged(converged[ok], G)
     k = len(stats.components)
     ratios = np.full((G, k), np.nan)
-    ratios[:, 0] = np.sum(theta[:, :1] ** 2, axis=1)
+    if st.re_dim:
+        ratios[:, 0] = np.sum(theta[:, :1] ** 2, axis=1)
     for j, ci in enumerate(st.vc_components):
         ratios[:, ci] = theta[:, len(st.re_pairs) + j] ** 2
     fit = ThetaEngineFit(ratios=ratios, scale=scale, llf=llf, converged=converged,
@@ -228,7 +236,8 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
 
     @property
     def _meta(self) -> dict[str, Any]:
-        return self.stats.info[SLOPES_KEY]
+        """The random-slope description (empty for variance components only)."""
+        return self.stats.info.get(SLOPES_KEY) or {"names": [], "independent": False}
 
     @property
     def _st(self) -> ThetaStructure:
@@ -242,7 +251,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
 
     @property
     def component_names(self) -> list[str]:
-        """Names of the variance components other than the random-slope block."""
+        """Names of the variance components (other than a random-slope block)."""
         return [self.stats.components[ci].name for ci in self._st.vc_components]
 
     @property
@@ -260,7 +269,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         st = self._st
         names = self.exog_re_names
         cols = [f"{names[b]}" if a == b else f"{names[a]}.{names[b]}" for a, b in st.re_pairs]
-        cols = [f"{self._meta['group_name']}.{c}" for c in cols] + self.component_names
+        cols = [f"{self._meta.get('group_name')}.{c}" for c in cols] + self.component_names
         return self._frame(self._fit.theta, cols)
 
     def _psi_unscaled(self) -> np.ndarray:
@@ -273,7 +282,12 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
 
     @cached_property
     def cov_re(self) -> pd.DataFrame:  # type: ignore[override]
-        """Lower triangle of ``Psi`` (absolute units), genes x entries."""
+        """Lower triangle of ``Psi`` (absolute units), genes x entries.
+
+        Without random slopes, the variances of the components (:attr:`vcomp`).
+        """
+        if not self._st.re_dim:
+            return self.vcomp
         ii, jj = _tril_rows(self._st.re_dim, bool(self._meta["independent"]))
         return self._frame(self.cov_re_matrix()[:, ii, jj], self.cov_re_names)
 
@@ -325,7 +339,8 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
     def icc(self) -> pd.DataFrame:
         """Share of the variance components in ``vcomp + Psi[0, 0] + scale``."""
         v = self.vcomp.to_numpy()
-        total = v.sum(axis=1) + self.cov_re_matrix()[:, 0, 0] + self._fit.scale
+        psi00 = self.cov_re_matrix()[:, 0, 0] if self._st.re_dim else 0.0
+        total = v.sum(axis=1) + psi00 + self._fit.scale
         return self._frame(v / total[:, None], self.component_names)
 
     # ------------------------------------------------------------- GLS
@@ -537,15 +552,16 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
                             index=self.gene_names)
 
     # ---------------------------------------------------------------- BLUPs
-    def gene(self, name: str | int) -> RandomSlopesGeneResults:
+    def gene(self, name: str | int) -> GeneResults:
         """A one-gene view with statsmodels ``MixedLMResults`` attribute names."""
         base = super().gene(name)
-        return RandomSlopesGeneResults(self, base._pos)
+        return RandomSlopesGeneResults(self, base._pos) if self._st.re_dim else base
 
     def __repr__(self) -> str:
-        return (f"<RandomSlopesResults: {self.n_genes} genes, {self.nobs} cells, {self.method}, "
-                f"random effects {self.exog_re_names} by {self._meta['group_name']}, "
-                f"{int(self.converged.sum())} converged>")
+        what = (f"random effects {self.exog_re_names} by {self._meta['group_name']}"
+                if self._st.re_dim else f"components {self.component_names}")
+        return (f"<MultiGeneMixedLMResults: {self.n_genes} genes, {self.nobs} cells, {self.method}, "
+                f"{what}, {int(self.converged.sum())} converged>")
 
 
 class RandomSlopesGeneResults(GeneResults):

@@ -319,12 +319,15 @@ class MultiGeneMixedLM:
         if df_method not in _DF_METHODS:
             raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
         start = None if start_params is None else np.asarray(start_params, dtype=float)
-        if "random_slopes" in self.stats.info:  # exog_re / re_formula: see _slopes.py
-            from ._slopes import fit_random_slopes
+        structured = "random_slopes" in self.stats.info or len(self.stats.components) > 1
+        if structured and not allow_negative_variance:   # block engine: see _structure.py
+            from ._slopes import fit_structured
 
-            return fit_random_slopes(self, reml=reml, start_params=start, maxiter=maxiter,
-                                     tol=tol, allow_negative_variance=allow_negative_variance,
-                                     df_method=df_method)
+            return fit_structured(self, reml=reml, start_params=start, maxiter=maxiter,
+                                  tol=tol, df_method=df_method)
+        if allow_negative_variance and "random_slopes" in self.stats.info:
+            raise DesignError("allow_negative_variance=True is not available with exog_re / "
+                              "re_formula random slopes.")
         eng = fit_variance_ratios(
             self.stats, reml=reml, start_ratios=start, tol=tol, maxiter=maxiter,
             allow_negative_variance=allow_negative_variance,

@@ -172,8 +172,12 @@ def test_nested_layout_equals_global_layout() -> None:
     stats, comps, *_ = _problem(7, crossed=False)
     st_nested = theta_structure(comps, 2, False, stats.ZZ)
     flat = (comps[0], RandomComponent("batch", comps[1].levels))   # no group labels
-    st_glob = theta_structure(flat, 2, False, stats.ZZ)
+    st_glob = theta_structure(flat, 2, False)           # no Z'Z: nothing to detect nesting from
     assert st_nested.block_size == 5 and st_nested.glob_cols.size == 0
+    # from the pattern of Z'Z alone the unlabelled component is found nested
+    st_found = theta_structure(flat, 2, False, stats.ZZ)
+    np.testing.assert_array_equal(st_found.slot_cols, st_nested.slot_cols)
+    np.testing.assert_array_equal(st_found.slot_theta, st_nested.slot_theta)
     assert st_glob.block_size == 2 and st_glob.glob_cols.size == comps[1].size
     rng = np.random.default_rng(2)
     theta = np.vstack([_theta(st_nested, rng) for _ in range(stats.n_genes)])
