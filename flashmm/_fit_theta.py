@@ -47,6 +47,8 @@ canonical afterwards, see :func:`_newton_canonical`).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -152,6 +154,13 @@ def _logdet_pd(M: np.ndarray) -> np.ndarray:
     return 2.0 * np.sum(np.log(np.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
 
 
+def _arrowhead_parts(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``c``, ``w = b / c`` and ``h = a - b'w`` of arrowhead blocks ``[[a, b'], [b, diag(c)]]``."""
+    c = np.diagonal(M, axis1=-2, axis2=-1)[..., 1:]
+    w = M[..., 1:, 0] / c
+    return c, w, M[..., 0, 0] - np.sum(M[..., 1:, 0] * w, axis=-1)
+
+
 def _arrowhead_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverse and log-determinant of arrowhead SPD blocks (..., s, s) in O(s^2).
 
@@ -161,10 +170,7 @@ def _arrowhead_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     and ``log|M| = log h + sum log c`` (MATH.md, nested arrowhead identity).
     """
     s = M.shape[-1]
-    c = np.diagonal(M, axis1=-2, axis2=-1)[..., 1:]
-    b = M[..., 1:, 0]
-    w = b / c
-    h = M[..., 0, 0] - np.sum(b * w, axis=-1)
+    c, w, h = _arrowhead_parts(M)
     out = np.empty(M.shape)
     out[..., 0, 0] = 1.0 / h
     out[..., 0, 1:] = out[..., 1:, 0] = -w / h[..., None]
@@ -327,6 +333,12 @@ class ThetaCriterion:
         """Gene chunks that bound the memory of one evaluation."""
         return _gene_chunks(self.yy.shape[0], self.st, self.XX.shape[0])
 
+    def fit_blocks(self, target: int = 256) -> list[np.ndarray]:
+        """Blocks of genes optimised together: about ``target`` genes, one chunk at most."""
+        G = self.yy.shape[0]
+        size = max(1, min(target, len(self.chunks()[0]) if G else 1))
+        return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
+
     def solve(self, theta: np.ndarray, idx: np.ndarray | slice = slice(None)) -> _Solved:
         """GLS at ``theta`` (rows of genes ``idx``) through the factorisation of ``M``."""
         lam = self.st.lam(theta)
@@ -352,16 +364,20 @@ class ThetaCriterion:
         """``d log|M| / dtheta``: the supports of ``ZZ Lambda M^-1`` (selected inverse)."""
         lam, zz = sol.lam, self.zz
         Minv, FS = sol.fac.inverse_blocks()
-        P1 = _bmm(lam.right(zz.A), Minv)
+        AL = lam.right(zz.A)
         r = self.st.re_dim
+        # only the diagonal of P1 = A Lambda M^-1 (and its T part) is needed
+        diag = np.sum(AL * np.swapaxes(Minv, -1, -2), axis=-1)
+        tsum = np.sum(AL[..., :r, :] @ Minv[..., :, :r], axis=1)
         if FS.shape[-1]:
-            P1 = P1 - (zz.B * lam.dvec[:, None, None, :]) @ np.swapaxes(FS, -1, -2)
+            BL = zz.B * lam.dvec[:, None, None, :]
+            diag = diag - np.sum(BL * FS, axis=-1)
+            tsum = tsum - np.sum(BL[..., :r, :] @ np.swapaxes(FS[..., :r, :], -1, -2), axis=1)
             P2 = (np.einsum("ic,gc,gci->gi", zz.C, lam.dvec, sol.fac.Scinv)
                   - np.einsum("msi,gmsi->gi", zz.B, lam.left(FS)))
         else:
             P2 = np.zeros(lam.dvec.shape)
-        diag = np.diagonal(P1, axis1=-2, axis2=-1)
-        return 2.0 * self.st.collect(P1[:, :, :r, :r].sum(axis=1), diag, P2)
+        return 2.0 * self.st.collect(tsum, diag, P2)
 
     def parts(self, theta: np.ndarray, grad: bool = True
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -449,8 +465,42 @@ class ThetaFitResult:
 
 def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
                    start_theta: np.ndarray | None = None,
-                   rescue_starts: tuple[float, ...] = (0.2, 5.0)) -> ThetaFitResult:
-    """Minimise the criterion for all genes; keep the best optimum per gene.
+                   rescue_starts: tuple[float, ...] = (0.2, 5.0),
+                   n_jobs: int | None = None) -> ThetaFitResult:
+    """Minimise the criterion for all genes in gene blocks, on ``n_jobs`` threads.
+
+    The genes are independent: they are split into blocks of a few hundred
+    (:meth:`ThetaCriterion.fit_blocks`), each minimised by
+    :func:`minimise_theta_block`, on a thread pool (numpy releases the GIL in
+    the array operations).  ``n_jobs`` defaults to the number of cores.
+    """
+    blocks = crit.fit_blocks()
+    G, t = crit.yy.shape[0], crit.st.n_theta
+    start = (None if start_theta is None
+             else np.array(np.broadcast_to(start_theta, (G, t)), dtype=float))
+
+    def run(idx: np.ndarray) -> ThetaFitResult:
+        return minimise_theta_block(crit.subset(idx), tol, maxiter,
+                                    None if start is None else start[idx], rescue_starts)
+
+    workers = min(len(blocks), n_jobs or os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(run, blocks))
+    else:
+        parts = [run(idx) for idx in blocks]
+    out = ThetaFitResult(np.empty((G, t)), np.empty(G), np.zeros(G, dtype=bool),
+                         np.zeros(G, dtype=np.int64))
+    for idx, res in zip(blocks, parts, strict=True):
+        for name in ("theta", "criterion", "converged", "n_iter"):
+            getattr(out, name)[idx] = getattr(res, name)
+    return out
+
+
+def minimise_theta_block(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
+                         start_theta: np.ndarray | None = None,
+                         rescue_starts: tuple[float, ...] = (0.2, 5.0)) -> ThetaFitResult:
+    """Minimise the criterion for a block of genes; keep the best optimum per gene.
 
     Every gene starts from lme4's ``T = I`` (and from ``start_theta`` if
     given).  Genes that have not converged are restarted from
