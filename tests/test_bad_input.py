@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import simulate_study
 
 import flashmm
 from flashmm import (
@@ -402,6 +403,22 @@ def test_boundary_flagged_and_converged():
     assert res.converged.all()
     assert res.vcomp.iloc[0, 0] == 0.0 and res.vcomp.iloc[1, 0] > 0
     assert np.isfinite(res.fe_params.to_numpy()).all()
+
+
+def test_bse_re_at_boundary_is_nan_without_warning():
+    """A nested component at 0 whose information is indefinite: NaN, and no RuntimeWarning."""
+    data, Y = simulate_study(n_genes=60, n_groups=12, cells_per_group=(3, 8), seed=0)
+    data["sub"] = data["grp"] + "_" + (np.arange(len(data)) % 2).astype(str)
+    genes = ["gene001", "gene027"]   # gene027: sub variance 0, indefinite information
+    res = fit_quiet(MultiGeneMixedLM.from_formula("~ x", data, endog=Y[genes], groups="grp",
+                                                  vc_formula={"sub": "0 + C(sub)"}))
+    at_zero = (res.vcomp == 0).to_numpy()
+    assert at_zero[1:].all() and not at_zero[0].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        se = res.bse_re.to_numpy()
+        res.gene("gene027").summary()
+    assert np.isnan(se[at_zero]).all() and np.isfinite(se[~at_zero]).all()
 
 
 def test_non_convergence_single_warning():
