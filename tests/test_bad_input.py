@@ -388,6 +388,30 @@ def test_degenerate_genes_flagged_and_left_out_of_fdr(vc):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["groups", "vc", "slopes"])
+def test_degenerate_genes_one_aggregated_warning(kind):
+    """One warning per fit, counting each status, on the one-component, dense and slopes paths."""
+    Y, X, groups, names = _degenerate_genes()
+    kw = {"groups": groups}
+    if kind == "vc":
+        kw = {"exog_vc": {"s": groups, "b": np.arange(len(Y)) % 4}}
+    elif kind == "slopes":
+        kw["exog_re"] = X
+    model = MultiGeneMixedLM(Y, X, gene_names=names, **kw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = model.fit()
+    msgs = [str(w.message) for w in rec if "could not be fitted" in str(w.message)]
+    assert msgs == ["3 of 9 genes could not be fitted: 1 all zero, 2 no residual variance "
+                    "(constant or fitted exactly); their estimates are NaN, see results.status."]
+    assert issubclass(next(w.category for w in rec if "could not" in str(w.message)),
+                      ConvergenceWarning)
+    assert (res.status != "ok").sum() == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)   # no warning without such genes
+        MultiGeneMixedLM(Y[:, :6], X, **kw).fit()
+
+
 def test_boundary_flagged_and_converged():
     rng = np.random.default_rng(3)
     groups = np.repeat(np.arange(10), 20)
