@@ -185,6 +185,20 @@ def test_nan_in_endog():
         MultiGeneMixedLM(Ys, X, groups=groups, gene_names=[f"g{i}" for i in range(6)])
 
 
+
+@pytest.mark.parametrize("kind", ["dataframe", "ndarray", "formula"])
+def test_string_in_endog_names_gene_and_value(kind):
+    Y, X, groups, data = simple_inputs()
+    frame = pd.DataFrame(Y, columns=[f"g{i}" for i in range(6)]).astype(object)
+    frame.iloc[7, 4] = "high"
+    with pytest.raises(DataError, match=r"numeric: gene 'g4' has the value 'high' in cell \(row\) 7"):
+        if kind == "dataframe":
+            MultiGeneMixedLM(frame, X, groups=groups)
+        elif kind == "ndarray":
+            MultiGeneMixedLM(frame.to_numpy(), X, groups=groups, gene_names=list(frame.columns))
+        else:
+            MultiGeneMixedLM.from_formula("~ x", data, endog=frame, groups="sam", chunk_size=5)
+
 # --------------------------------------------------------------- rank
 def test_rank_deficient_nested_treatment():
     data, Y = make_data()
