@@ -11,6 +11,10 @@ the pass over the cells holds at most one chunk in memory.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +23,7 @@ import scipy.sparse as sp
 
 from ._errors import DataError
 
-__all__ = ["is_anndata", "RowChunks", "anndata_inputs"]
+__all__ = ["is_anndata", "RowChunks", "anndata_inputs", "open_anndata"]
 
 
 def is_anndata(obj: Any) -> bool:
@@ -120,3 +124,33 @@ def anndata_inputs(adata: Any, layer: str | None = None) -> tuple[pd.DataFrame, 
     if not in_memory or _is_backed(adata):
         matrix = RowChunks(matrix)
     return obs, matrix, genes
+
+
+@contextlib.contextmanager
+def open_anndata(path: str | os.PathLike) -> Iterator[Any]:
+    """An ``.h5ad`` file opened backed (read only) or a ``.zarr`` store, as an AnnData.
+
+    The ``.h5ad`` file is closed on exit; its cells are read chunk by chunk meanwhile.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".h5ad", ".zarr"):
+        raise DataError(
+            f"data {str(path)!r} is a path but not an .h5ad file or a .zarr store; read the file "
+            "into an AnnData (e.g. anndata.read_h5ad, scanpy.read_10x_h5) or a DataFrame and "
+            "pass that."
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
+    try:
+        import anndata
+    except ImportError:  # pragma: no cover - optional dependency
+        raise ImportError(f"reading {suffix} files needs anndata: pip install 'flashmm[anndata]'.") from None
+    if suffix == ".zarr":
+        yield anndata.read_zarr(path)
+        return
+    adata = anndata.read_h5ad(path, backed="r")
+    try:
+        yield adata
+    finally:
+        adata.file.close()

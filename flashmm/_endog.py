@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -156,15 +156,22 @@ def check_orientation(endog: Any, n_cells: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _row_block(endog: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
-    """Rows [start, stop) of endog as a float64 ndarray or CSR matrix."""
+def _row_block(endog: Any, start: int, stop: int,
+               gene_names: list[str] | None = None) -> np.ndarray | sp.csr_matrix:
+    """Rows [start, stop) of endog as a float64 ndarray or CSR matrix.
+
+    A value that is not a number raises a DataError naming its gene and the value.
+    """
     if isinstance(endog, (pd.DataFrame, pd.Series)):
         block = endog.iloc[start:stop]
         if isinstance(endog, pd.DataFrame) and any(
             isinstance(dt, pd.SparseDtype) for dt in endog.dtypes
         ):
             return sp.csr_matrix(block.sparse.to_coo(), dtype=np.float64)
-        arr = block.to_numpy(dtype=np.float64)
+        try:
+            arr = block.to_numpy(dtype=np.float64)
+        except (TypeError, ValueError):
+            _raise_not_numeric(block, start, gene_names)
         return arr[:, None] if arr.ndim == 1 else arr
     if sp.issparse(endog):
         return _csr_rows(endog, start, stop)
@@ -175,8 +182,40 @@ def _row_block(endog: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
         block = block.to_memory()
         if sp.issparse(block):
             return sp.csr_matrix(block, dtype=np.float64)
-    arr = np.asarray(block, dtype=np.float64)
+    try:
+        arr = np.asarray(block, dtype=np.float64)
+    except (TypeError, ValueError):
+        _raise_not_numeric(block, start, gene_names)
     return arr[:, None] if arr.ndim == 1 else arr
+
+
+def _raise_not_numeric(block: Any, start: int, gene_names: list[str] | None) -> NoReturn:
+    """Raise a DataError naming the first gene (column) and value that is not a number."""
+    if isinstance(block, pd.Series):
+        block = block.to_frame()
+    if isinstance(block, pd.DataFrame):
+        names = gene_names or [str(c) for c in block.columns]
+        cols = [block.iloc[:, j].to_numpy(dtype=object) for j in range(block.shape[1])]
+    else:
+        arr = np.asarray(block, dtype=object)
+        arr = arr.reshape(arr.shape[0], -1)
+        names = gene_names or [f"column {j}" for j in range(arr.shape[1])]
+        cols = list(arr.T)
+    for j, col in enumerate(cols):
+        try:
+            np.asarray(col, dtype=np.float64)
+            continue
+        except (TypeError, ValueError):
+            pass
+        for i, value in enumerate(col):
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"endog must be numeric: gene {names[j]!r} has the value {value!r} in cell "
+                    f"(row) {start + i}; convert it to numbers or leave that gene out."
+                ) from None
+    raise DataError("endog could not be converted to float64 numbers.")
 
 
 def _csr_rows(mat: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
@@ -279,7 +318,7 @@ def iter_chunks(
         raise DataError(f"chunk_size must be positive, got {chunk_size}.")
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
-        block = _row_block(endog, start, stop)
+        block = _row_block(endog, start, stop, gene_names)
         yield start, stop, apply_transform(block, transform, gene_names, check_finite)
 
 

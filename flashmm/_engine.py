@@ -76,8 +76,9 @@ def fit_variance_ratios(
     scale-free, the residual variance is multiplied back by ``c**2`` and the
     log-likelihood shifted by ``-m log c`` (``m = n - p`` for REML, ``n`` for ML).
 
-    Genes that did not converge are reported with one aggregated
-    :class:`~flashmm.ConvergenceWarning`.
+    Genes that could not be fitted (all zero, no residual variance; see
+    ``status``) and genes that did not converge are each reported with one
+    aggregated :class:`~flashmm.ConvergenceWarning`.
     """
     c = None if allow_negative_variance else _gene_scale(stats)
     orig = stats
@@ -122,6 +123,7 @@ def fit_variance_ratios(
         scale = scale * (c * c)
         llf = llf - m * np.log(c)
         top_vcomp = None if top_vcomp is None else top_vcomp * (c * c)
+    _warn_degenerate(status)
     _warn_not_converged(converged[ok], orig.n_genes)
     return EngineFit(ratios, scale, llf, converged, n_iter, status.astype(str), reml, method, se_theta,
                      top_vcomp)
@@ -150,6 +152,20 @@ def _gene_scale(stats: SufficientStats) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         c = np.sqrt(stats.yy / max(int(stats.n), 1))
     return np.where(np.isfinite(c) & (c > 0), c, 1.0)
+
+
+def _warn_degenerate(status: np.ndarray) -> None:
+    """One aggregated warning for all genes that could not be fitted, counted by status."""
+    bad = status[status != STATUS_OK].astype(str)
+    if bad.size:
+        kinds, counts = np.unique(bad, return_counts=True)
+        what = ", ".join(f"{c} {k}" for k, c in zip(kinds, counts, strict=True))
+        warnings.warn(
+            f"{bad.size} of {status.size} genes could not be fitted: {what}; their estimates "
+            "are NaN, see results.status.",
+            ConvergenceWarning,
+            stacklevel=4,   # the caller of MultiGeneMixedLM.fit
+        )
 
 
 def _warn_not_converged(converged: np.ndarray, n_genes: int) -> None:

@@ -22,4 +22,4 @@ class StatsError(FlashmmError):
 
 
 class ConvergenceWarning(UserWarning):
-    """Some genes did not converge; see ``results.converged``."""
+    """Some genes did not converge or could not be fitted; see ``results.converged``, ``results.status``."""

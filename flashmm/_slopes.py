@@ -20,7 +20,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._design import RandomComponent
-from ._engine import STATUS_OK, EngineFit, _degenerate_status, _gene_scale, _warn_not_converged
+from ._engine import (
+    STATUS_OK,
+    EngineFit,
+    _degenerate_status,
+    _gene_scale,
+    _warn_degenerate,
+    _warn_not_converged,
+)
 from ._errors import DesignError
 from ._fit_theta import (
     ThetaCriterion,
@@ -201,6 +208,7 @@ def fit_structured(model: MultiGeneMixedLM, reml: bool = True, start_params: Any
         s = S / m
         scale[ok] = s * c[ok] ** 2
         llf[ok] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi * s)) + logdet) - m * np.log(c[ok])
+    _warn_degenerate(status)
     _warn_not_converged(converged[ok], G)
     k = len(stats.components)
     ratios = np.full((G, k), np.nan)

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="fit the model to an .h5ad file or saved statistics")
     fit.add_argument("input", nargs="?", help="input .h5ad file (read backed)")
-    fit.add_argument("--stats", dest="stats_path", help="refit from statistics saved by 'flashmm stats'")
+    fit.add_argument("--stats", dest="stats_path", help="refit from statistics saved by 'flashmm stats' "
+                          "(with their design: no design flags)")
     _add_design_args(fit, required=False)
     fit.add_argument("--contrast", action="append", default=[], metavar="NAME=EXPR",
                      help="contrast over term names, e.g. 'C1=cls[C1]:trt[T.B]' (repeatable)")
@@ -110,6 +111,13 @@ def _add_design_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="transform of the values (default none)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_CELLS,
                    help=f"cells per chunk (default {DEFAULT_CHUNK_CELLS})")
+
+
+def _design_flags_given(args: argparse.Namespace) -> list[str]:
+    """The design flags (``_add_design_args``) set to other than their defaults."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_design_args(p, required=False)
+    return [a.option_strings[0] for a in p._actions if getattr(args, a.dest) != a.default]
 
 
 def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
@@ -192,6 +200,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError("give either an input .h5ad file or --stats STATS.npz (not both).")
     if args.stats_path is not None and args.write_h5ad:
         raise CLIError("--write-h5ad needs the .h5ad input (its obs and var), not --stats.")
+    given = _design_flags_given(args)
+    if args.stats_path is not None and given:
+        raise CLIError(f"{', '.join(given)} cannot be used with --stats: the design, layer and "
+                       "transform are those saved by 'flashmm stats'; drop them, or fit the .h5ad "
+                       "input instead.")
     adata = None
     if args.stats_path is not None:
         if not os.path.exists(args.stats_path):

@@ -6,6 +6,7 @@ batched optimiser and returns a :class:`~flashmm.results.MultiGeneMixedLMResults
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -192,10 +193,13 @@ class MultiGeneMixedLM:
         formula : str
             One-sided formula, e.g. ``"~ 0 + np.log(libsize) + cls + cls:trt"``.
             Term names are those of statsmodels' ``MixedLM.from_formula``.
-        data : DataFrame
-            One row per cell with the variables of the formulas.
+        data : DataFrame, AnnData, or path
+            One row per cell with the variables of the formulas; or an AnnData
+            (see ``layer``); or the path (str or PathLike) of an ``.h5ad`` file
+            (opened backed, read chunk by chunk, closed afterwards) or of a
+            ``.zarr`` store (``anndata.read_zarr``), read as that AnnData.
         endog : array_like, scipy.sparse matrix or DataFrame
-            Expression, cells x genes (required).
+            Expression, cells x genes (required unless ``data`` is an AnnData or a path).
         groups : str or array_like, optional
             Column name or labels of the grouping factor.
         vc_formula : dict, optional
@@ -227,8 +231,16 @@ class MultiGeneMixedLM:
             label order): group intercepts ``u ~ N(0, s_g K)``. See
             :mod:`flashmm.kinship` and ``docs/kinship.rst``.
         """
-        from ._anndata import anndata_inputs, is_anndata
+        from ._anndata import anndata_inputs, is_anndata, open_anndata
 
+        if isinstance(data, (str, os.PathLike)):
+            with open_anndata(data) as adata:
+                return cls.from_formula(
+                    formula, adata, endog=endog, groups=groups, vc_formula=vc_formula,
+                    re_formula=re_formula, transform=transform, independent_re=independent_re,
+                    gene_names=gene_names, chunk_size=chunk_size, layer=layer, missing=missing,
+                    make_unique=make_unique, group_cov=group_cov,
+                )
         if is_anndata(data):
             if endog is not None:
                 raise DesignError("with an AnnData, leave endog=None (the expression is X or a layer).")

@@ -222,14 +222,16 @@ class MultiGeneMixedLMResults:
     def bse_re(self) -> pd.DataFrame:
         """Standard errors of the ratios ``s_i / s`` (statsmodels' ``bse_re``).
 
-        From the observed information of the profiled log-likelihood; NaN for
-        a component at the boundary.
+        From the observed information of the profiled log-likelihood; NaN,
+        without a warning, for a component at the boundary and wherever the
+        inverse information gives no finite, non-negative variance (at the
+        boundary the information need not be positive definite).
         """
         k = len(self.component_names)
         with np.errstate(invalid="ignore"):
             # profile out the scale: the ratio block of the inverse information
             cov = _safe_inv(self._info)[:, :k, :k]
-        se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+            se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))   # NaN where negative
         se = np.where(self._fit.ratios > 0, se, np.nan)
         return self._frame(se, [f"{c} Var" for c in self.component_names])
 

@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE / "reference"
-SHARED = HERE.parent.parent / "shared"
+FLASHMM_SIM = REFERENCE / "flashmm_sim"   # R FLASHMM 1.3.0 outputs on a simulated study
+RECLA = REFERENCE / "recla"               # recla mice (kinship), lmmlite's example data
 
 
 def r_to_patsy(name: str) -> str:
@@ -53,11 +54,9 @@ def lme4_ref(model: str, method: str, what: str) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="session")
-def shared_flashmm_sim() -> Path:
-    path = SHARED / "reference" / "flashmm-sim"
-    if not path.is_dir():
-        pytest.skip("../shared/reference/flashmm-sim is not available")
-    return path
+def flashmm_sim() -> Path:
+    """tests/reference/flashmm_sim: R FLASHMM reference outputs (see its README)."""
+    return FLASHMM_SIM
 
 
 def simulate_study(n_genes: int = 60, n_groups: int = 20, cells_per_group: tuple[int, int] = (60, 140),

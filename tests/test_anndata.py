@@ -74,6 +74,38 @@ def test_backed_anndata_is_streamed_in_chunks(adata, reference, tmp_path, monkey
     _assert_same(res, reference)
 
 
+
+@pytest.mark.filterwarnings("ignore:Writing zarr v2:UserWarning")
+def test_from_formula_accepts_a_path(adata, reference, tmp_path, monkeypatch):
+    """A path to .h5ad (read backed, in chunks, then closed) or .zarr is read as the AnnData."""
+    h5ad = tmp_path / "sim.h5ad"
+    adata.write_h5ad(h5ad)
+    opened = []
+    read_h5ad = anndata.read_h5ad
+
+    def spy(path, **kw):
+        opened.append(read_h5ad(path, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(anndata, "read_h5ad", spy)
+    for path in (str(h5ad), h5ad):
+        res = MultiGeneMixedLM.from_formula(FORMULA, path, groups="sam", transform="log2p1",
+                                            chunk_size=128).fit()
+        _assert_same(res, reference)
+    assert all(a.isbacked for a in opened) and len(opened) == 2
+    assert not any(a.file.is_open for a in opened)
+    adata.write_zarr(tmp_path / "sim.zarr")
+    res = MultiGeneMixedLM.from_formula(FORMULA, str(tmp_path / "sim.zarr"), groups="sam",
+                                        transform="log2p1").fit()
+    _assert_same(res, reference)
+    with pytest.raises(flashmm.DataError, match=r"not an .h5ad file or a .zarr store"):
+        MultiGeneMixedLM.from_formula(FORMULA, str(tmp_path / "sim.csv"), groups="sam")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MultiGeneMixedLM.from_formula(FORMULA, tmp_path / "missing.h5ad", groups="sam")
+    with pytest.raises(flashmm.DesignError, match="leave endog=None"):
+        MultiGeneMixedLM.from_formula(FORMULA, h5ad, endog=adata.X, groups="sam")
+    assert not any(a.file.is_open for a in opened)
+
 def test_anndata_errors(adata):
     with pytest.raises(KeyError, match="layer 'nope' not found"):
         MultiGeneMixedLM.from_formula(FORMULA, adata, groups="sam", layer="nope")

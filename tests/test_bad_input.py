@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import simulate_study
 
 import flashmm
 from flashmm import (
@@ -183,6 +184,20 @@ def test_nan_in_endog():
     with pytest.raises(DataError, match=r"NaN or inf.*'g3'"):
         MultiGeneMixedLM(Ys, X, groups=groups, gene_names=[f"g{i}" for i in range(6)])
 
+
+
+@pytest.mark.parametrize("kind", ["dataframe", "ndarray", "formula"])
+def test_string_in_endog_names_gene_and_value(kind):
+    Y, X, groups, data = simple_inputs()
+    frame = pd.DataFrame(Y, columns=[f"g{i}" for i in range(6)]).astype(object)
+    frame.iloc[7, 4] = "high"
+    with pytest.raises(DataError, match=r"numeric: gene 'g4' has the value 'high' in cell \(row\) 7"):
+        if kind == "dataframe":
+            MultiGeneMixedLM(frame, X, groups=groups)
+        elif kind == "ndarray":
+            MultiGeneMixedLM(frame.to_numpy(), X, groups=groups, gene_names=list(frame.columns))
+        else:
+            MultiGeneMixedLM.from_formula("~ x", data, endog=frame, groups="sam", chunk_size=5)
 
 # --------------------------------------------------------------- rank
 def test_rank_deficient_nested_treatment():
@@ -387,6 +402,30 @@ def test_degenerate_genes_flagged_and_left_out_of_fdr(vc):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["groups", "vc", "slopes"])
+def test_degenerate_genes_one_aggregated_warning(kind):
+    """One warning per fit, counting each status, on the one-component, dense and slopes paths."""
+    Y, X, groups, names = _degenerate_genes()
+    kw = {"groups": groups}
+    if kind == "vc":
+        kw = {"exog_vc": {"s": groups, "b": np.arange(len(Y)) % 4}}
+    elif kind == "slopes":
+        kw["exog_re"] = X
+    model = MultiGeneMixedLM(Y, X, gene_names=names, **kw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = model.fit()
+    msgs = [str(w.message) for w in rec if "could not be fitted" in str(w.message)]
+    assert msgs == ["3 of 9 genes could not be fitted: 1 all zero, 2 no residual variance "
+                    "(constant or fitted exactly); their estimates are NaN, see results.status."]
+    assert issubclass(next(w.category for w in rec if "could not" in str(w.message)),
+                      ConvergenceWarning)
+    assert (res.status != "ok").sum() == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)   # no warning without such genes
+        MultiGeneMixedLM(Y[:, :6], X, **kw).fit()
+
+
 def test_boundary_flagged_and_converged():
     rng = np.random.default_rng(3)
     groups = np.repeat(np.arange(10), 20)
@@ -402,6 +441,22 @@ def test_boundary_flagged_and_converged():
     assert res.converged.all()
     assert res.vcomp.iloc[0, 0] == 0.0 and res.vcomp.iloc[1, 0] > 0
     assert np.isfinite(res.fe_params.to_numpy()).all()
+
+
+def test_bse_re_at_boundary_is_nan_without_warning():
+    """A nested component at 0 whose information is indefinite: NaN, and no RuntimeWarning."""
+    data, Y = simulate_study(n_genes=60, n_groups=12, cells_per_group=(3, 8), seed=0)
+    data["sub"] = data["grp"] + "_" + (np.arange(len(data)) % 2).astype(str)
+    genes = ["gene001", "gene027"]   # gene027: sub variance 0, indefinite information
+    res = fit_quiet(MultiGeneMixedLM.from_formula("~ x", data, endog=Y[genes], groups="grp",
+                                                  vc_formula={"sub": "0 + C(sub)"}))
+    at_zero = (res.vcomp == 0).to_numpy()
+    assert at_zero[1:].all() and not at_zero[0].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        se = res.bse_re.to_numpy()
+        res.gene("gene027").summary()
+    assert np.isnan(se[at_zero]).all() and np.isfinite(se[~at_zero]).all()
 
 
 def test_non_convergence_single_warning():

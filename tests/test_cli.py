@@ -63,6 +63,23 @@ def test_stats_then_fit_from_stats(h5ad, tmp_path):
     pd.testing.assert_frame_equal(a, b, rtol=1e-9)
 
 
+
+def test_fit_from_stats_refuses_design_flags(h5ad, tmp_path, capsys):
+    """--stats fits the saved design: design flags given with it are an error, not ignored."""
+    path, _ = h5ad
+    npz = tmp_path / "stats.npz"
+    assert main(["stats", str(path), "--formula", FORMULA, "--groups", "sam", "--out", str(npz),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x.csv"
+    assert main(["fit", "--stats", str(npz), "--formula", "~ cls", "--groups", "sam", "--transform",
+                 "log2p1", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashmm: error: --formula, --groups, --transform cannot be used with --stats")
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert main(["fit", "--stats", str(npz), "--vc", "c=0 + C(cls)", "--out", str(out)]) == 2
+    assert "--vc cannot be used with --stats" in capsys.readouterr().err
+
 def test_fit_random_slopes_matches_the_api(h5ad, tmp_path):
     path, ad = h5ad
     re = "~ 1 + np.log(libsize)"

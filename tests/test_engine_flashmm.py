@@ -1,4 +1,4 @@
-"""The unconstrained mode against R FLASHMM 1.3.0 (../shared/reference/flashmm-sim).
+"""The unconstrained mode against R FLASHMM 1.3.0 (tests/reference/flashmm_sim).
 
 FLASHMM stops its Fisher scoring when every score is below 1e-5, so its
 estimates carry errors of that order: coefficients are compared to 1e-6
@@ -20,10 +20,11 @@ from flashmm import MultiGeneMixedLM
 
 
 def _load(path):
-    counts = scipy.io.mmread(gzip.open(path / "counts.mtx.gz")).T.tocsr()   # cells x genes
-    meta = pd.read_csv(path / "metadata.csv", index_col=0)
-    X = pd.read_csv(path / "X.csv", index_col=0)
-    genes = [g.strip() for g in open(path / "genes.txt")]
+    with gzip.open(path / "counts.mtx.gz") as f:
+        counts = scipy.io.mmread(f).T.tocsr()   # cells x genes
+    meta = pd.read_csv(path / "metadata.csv.gz", index_col=0)
+    X = pd.read_csv(path / "X.csv.gz", index_col=0)
+    genes = [g.strip() for g in (path / "genes.txt").read_text().splitlines()]
     return counts, meta, X, genes
 
 
@@ -46,12 +47,12 @@ def _rel(a, b, floor=0.0):
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("method", ["REML", "ML"])
-def test_matches_flashmm(shared_flashmm_sim, k, method):
-    res = _fit(shared_flashmm_sim, k, method)
+def test_matches_flashmm(flashmm_sim, k, method):
+    res = _fit(flashmm_sim, k, method)
     name = f"{k}comp_{method}"
-    coef = _ref(shared_flashmm_sim, f"{name}_coef")
-    se = _ref(shared_flashmm_sim, f"{name}_se")
-    theta = _ref(shared_flashmm_sim, f"{name}_theta")
+    coef = _ref(flashmm_sim, f"{name}_coef")
+    se = _ref(flashmm_sim, f"{name}_se")
+    theta = _ref(flashmm_sim, f"{name}_theta")
     err_b = _rel(res.fe_params[coef.columns].to_numpy(), coef.to_numpy(), 1e-2 * se.to_numpy()).max(axis=1)
     err_se = _rel(res.bse_fe[se.columns].to_numpy(), se.to_numpy()).max(axis=1)
     ours_theta = np.column_stack([res.vcomp.to_numpy(), res.scale.to_numpy()])
@@ -65,22 +66,22 @@ def test_matches_flashmm(shared_flashmm_sim, k, method):
     else:
         assert ok.mean() >= 0.95
     if k == 1:
-        se_theta = _ref(shared_flashmm_sim, f"{name}_se_theta").to_numpy()
+        se_theta = _ref(flashmm_sim, f"{name}_se_theta").to_numpy()
         assert _rel(res.se_vcomp.to_numpy(), se_theta).max() < 1e-5
-        p = _ref(shared_flashmm_sim, f"{name}_p")
+        p = _ref(flashmm_sim, f"{name}_p")
         assert np.max(np.abs(res.pvalues[p.columns].to_numpy() - p.to_numpy())) < 1e-6
-        blup = _ref(shared_flashmm_sim, f"{name}_RE")
+        blup = _ref(flashmm_sim, f"{name}_RE")
         ours = res.random_effects["sam"][[c.removeprefix("sam") for c in blup.columns]].to_numpy()
         scale = np.abs(blup.to_numpy()).max(axis=1, keepdims=True)
         assert np.max(np.abs(ours - blup.to_numpy()) / scale) < 1e-5
 
 
-def test_lmmtest_contrasts(shared_flashmm_sim):
+def test_lmmtest_contrasts(flashmm_sim):
     """lmmtest(fit, contrast) parity with df_method='residual'."""
-    res = _fit(shared_flashmm_sim, 1, "REML")
-    cm = pd.read_csv(shared_flashmm_sim / "contrast_matrix.csv", index_col=0)
+    res = _fit(flashmm_sim, 1, "REML")
+    cm = pd.read_csv(flashmm_sim / "contrast_matrix.csv", index_col=0)
     for suffix, alt in [("", "two-sided"), ("_greater", "larger")]:
-        ref = _ref(shared_flashmm_sim, f"1comp_REML_lmmtest_contrasts{suffix}")
+        ref = _ref(flashmm_sim, f"1comp_REML_lmmtest_contrasts{suffix}")
         test = res.t_test(cm, alternative=alt)
         for name in cm.columns:
             np.testing.assert_allclose(test.effect[name], ref[f"{name}_coef"], rtol=1e-6, atol=1e-9)
@@ -88,10 +89,10 @@ def test_lmmtest_contrasts(shared_flashmm_sim):
             np.testing.assert_allclose(test.pvalue[name], ref[f"{name}_p"], rtol=0, atol=1e-6)
 
 
-def test_expression_contrasts_equal_matrix(shared_flashmm_sim):
+def test_expression_contrasts_equal_matrix(flashmm_sim):
     """contrast.matrix-style strings give the same tests as the stored matrix."""
-    res = _fit(shared_flashmm_sim, 1, "REML")
-    cm = pd.read_csv(shared_flashmm_sim / "contrast_matrix.csv", index_col=0)
+    res = _fit(flashmm_sim, 1, "REML")
+    cm = pd.read_csv(flashmm_sim / "contrast_matrix.csv", index_col=0)
     text = {"B1vsB2": "cls1:trtB - cls2:trtB", "Bavg": "(cls1:trtB + cls2:trtB + cls3:trtB) / 3"}
     a = res.t_test(text)
     b = res.t_test(cm)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import RECLA
 from scipy import optimize
 
 import flashmm
@@ -19,10 +20,7 @@ from flashmm.kinship import (
     results_at_heritability,
 )
 
-RECLA = Path(__file__).parents[2] / "shared" / "data" / "recla"
 REF = Path(__file__).parent / "reference" / "lmmlite"
-needs_recla = pytest.mark.skipif(not (RECLA / "kinship.csv").exists(),
-                                 reason="recla data (/work/shared) not available")
 RTOL = 1e-5
 
 
@@ -30,7 +28,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def recla() -> dict[str, pd.DataFrame]:
     return {
-        "K": pd.read_csv(RECLA / "kinship.csv", index_col=0),
+        "K": pd.read_csv(RECLA / "kinship.csv.gz", index_col=0),
         "pheno": pd.read_csv(RECLA / "pheno.csv", index_col=0),
         "covar": pd.read_csv(RECLA / "covar.csv", index_col=0),
     }
@@ -55,7 +53,6 @@ def _close(ours: np.ndarray, ref: np.ndarray, rtol: float = RTOL) -> None:
     np.testing.assert_allclose(ours[~zero], ref[~zero], rtol=rtol, atol=0)
 
 
-@needs_recla
 def test_recla_matches_lmmlite(recla_fit: tuple) -> None:
     reml, res, ref = recla_fit
     assert isinstance(res, MissingPatternResults)
@@ -79,7 +76,6 @@ def test_recla_matches_lmmlite(recla_fit: tuple) -> None:
     assert np.all(np.isfinite(res.bse_fe.to_numpy()))
 
 
-@needs_recla
 def test_recla_loglik_relation(recla_fit: tuple, recla: dict) -> None:
     """lmmlite's loglik = lme4 llf + a term depending only on the mice included."""
     reml, res, ref = recla_fit
@@ -96,7 +92,6 @@ def test_recla_loglik_relation(recla_fit: tuple, recla: dict) -> None:
         assert np.ptp(grp.to_numpy()) == 0
 
 
-@needs_recla
 def test_recla_vignette_published(recla: dict) -> None:
     """lmmlite vignette, first phenotype, REML, default tol (1e-4 on h2)."""
     pheno = recla["pheno"][["OF_distance_first4"]]
@@ -124,7 +119,6 @@ def test_recla_vignette_published(recla: dict) -> None:
     assert round(vig["loglik"], 2) == -2332.84
 
 
-@needs_recla
 def test_recla_missing_patterns_equal_separate_fits(recla_fit: tuple, recla: dict) -> None:
     reml, res, _ = recla_fit
     assert res.patterns.nunique() == 4   # 11, 10, 3 and 2 phenotypes
@@ -148,7 +142,6 @@ def test_recla_missing_patterns_equal_separate_fits(recla_fit: tuple, recla: dic
     assert "LD_light_pct" in set(frame["gene"])
 
 
-@needs_recla
 def test_recla_nan_without_drop_is_an_error(recla: dict) -> None:
     with pytest.raises(DataError, match=r"16 of 26 responses .* in 8 of 261 rows"):
         fit_kinship(recla["pheno"], recla["covar"], recla["K"], missing="none")
