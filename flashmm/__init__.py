@@ -3,12 +3,15 @@
 The data flow, one module per step::
 
     input (_endog) -> design (_design) -> sufficient statistics (stats)
-      -> batched fit (_engine: _fit_eigen, _fit_dense, _fit_scoring)
+      -> batched fit: one component (_engine: _fit_eigen, _fit_scoring);
+         several components and random slopes: structure (_structure)
+         -> criterion (_fit_theta) -> optimiser (_newton)
       -> results (results, gene, contrasts, summary)
 """
 
 from ._design import Design, RandomComponent, build_design, build_formula_design
 from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError
+from ._memory import MemoryBudgetError
 from ._version import __version__
 from .contrasts import MultiGeneContrastResults, contrast_matrix
 from .gene import GeneResults
@@ -33,6 +36,7 @@ __all__ = [
     "DataError",
     "StatsError",
     "ConvergenceWarning",
+    "MemoryBudgetError",
 ]
 
 from . import datasets  # noqa: E402

@@ -1,7 +1,8 @@
 """Batched fit: sufficient statistics in, per-gene variance estimates out.
 
-Chooses the optimiser (eigen path for one component, projected Newton for
-several, FLASHMM's scoring when negative variances are allowed), flags genes
+Chooses the optimiser for the ratio models (the eigen path for one component,
+FLASHMM's scoring when negative variances are allowed; several components and
+random slopes go to the structured engine, :mod:`flashmm._structure`), flags genes
 that cannot be fitted, and returns plain arrays: the numerical core never sees
 pandas.
 """
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._errors import ConvergenceWarning
-from ._fit_dense import DenseCriterion, fit_ratios_dense
 from ._fit_eigen import EigenCriterion, fit_ratio_eigen
 from ._fit_scoring import ScoringProblem, fisher_scoring
 from ._gls import logdet_ratio
+from ._memory import MemoryBudget
 from ._reduce import Reduced, reduce_stats
 from .stats import SufficientStats
 
@@ -60,12 +61,12 @@ def _degenerate_status(stats: SufficientStats, yRy: np.ndarray) -> np.ndarray:
 def fit_variance_ratios(
     stats: SufficientStats,
     reml: bool = True,
-    start_ratios: np.ndarray | None = None,
     tol: float = 1e-10,
     maxiter: int = 200,
     allow_negative_variance: bool = False,
     scoring_epsilon: float = 1e-5,
     scoring_maxiter: int = 50,
+    max_memory: int | float | str | None = None,
 ) -> EngineFit:
     """Estimate the variance ratios of every gene; see the module docstring.
 
@@ -94,28 +95,37 @@ def fit_variance_ratios(
     n_iter = np.zeros(G, dtype=np.int64)
     E = np.eye(k)[stats.component_index]
     se_theta = None
+    q = stats.k_re
     if allow_negative_variance:
         method = "flashmm-scoring"
+        per_gene = 8 * q * q * (6 + 2 * k)       # I + ZRZ G, I + G W, solutions, FIM blocks
+        size = MemoryBudget.of(max_memory).genes_per_chunk(
+            8 * 3 * q * q, per_gene, 1, what=f"FLASHMM's scoring with {q} random effects",
+            advice="It works with dense q x q matrices per gene (as R FLASHMM); raise max_memory "
+                   "or fit without allow_negative_variance (the structured engine).",
+            target=max(1, 64_000_000 // per_gene))
         prob = ScoringProblem(red.ZRZ, red.ZRy[:, ok].T, red.yRy[ok],
                               red.ZRZ if reml else stats.ZZ, E, m, red.n - red.p)
-        res = fisher_scoring(prob, scoring_epsilon, scoring_maxiter)
-        ratios[ok] = res.theta[:, :k] / res.theta[:, k:]
-        converged[ok], n_iter[ok] = res.converged, res.n_iter
         se_theta = np.full((G, k + 1), np.nan)
-        se_theta[ok] = np.sqrt(np.abs(np.diagonal(np.linalg.pinv(res.fim), axis1=1, axis2=2)))
+        for a in range(0, ok.size, size):
+            rows = np.arange(a, min(ok.size, a + size))
+            res = fisher_scoring(prob.subset(rows), scoring_epsilon, scoring_maxiter)
+            idx = ok[rows]
+            ratios[idx] = res.theta[:, :k] / res.theta[:, k:]
+            converged[idx], n_iter[idx] = res.converged, res.n_iter
+            se_theta[idx] = np.sqrt(np.abs(np.diagonal(np.linalg.pinv(res.fim), axis1=1, axis2=2)))
     elif k == 1:
         method = "eigen"
+        MemoryBudget.of(max_memory).genes_per_chunk(
+            8 * 5 * q * q, 8 * 8 * q, 1, what=f"the eigen path with {q} random effects",
+            advice="Raise max_memory.", target=1)
         crit = EigenCriterion.from_matrices(red.ZRZ, red.ZRy[:, ok], red.yRy[ok], stats.ZZ, reml, m)
         res = fit_ratio_eigen(crit, tol=tol, maxiter=maxiter)
         ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
     else:
-        method = "newton"
-        crit = DenseCriterion(red.ZRZ, red.ZRy[:, ok].T, red.yRy[ok],
-                              red.ZRZ if reml else stats.ZZ, E, m)
-        start = (_separate_component_starts(stats, red, ok, reml, m) if start_ratios is None
-                 else np.broadcast_to(start_ratios, (G, k))[ok])
-        res = fit_ratios_dense(crit, start=start, tol=tol, maxiter=maxiter)
-        ratios[ok], converged[ok], n_iter[ok] = res.g, res.converged, res.n_iter
+        raise ValueError("several random components are fitted by the structured engine "
+                         "(MultiGeneMixedLM.fit); fit_variance_ratios takes one component or "
+                         "allow_negative_variance=True.")
     top = np.isinf(ratios[:, 0]) if k == 1 else np.zeros(G, dtype=bool)
     scale, llf = _scale_and_llf(stats, red, np.where(top[:, None], 0.0, ratios), reml, ok)
     top_vcomp = _top_limit_fit(stats, red, reml, top, scale, llf) if top.any() else None
@@ -178,20 +188,6 @@ def _warn_not_converged(converged: np.ndarray, n_genes: int) -> None:
             ConvergenceWarning,
             stacklevel=3,
         )
-
-
-def _separate_component_starts(stats: SufficientStats, red: Reduced, ok: np.ndarray, reml: bool,
-                               m: float) -> np.ndarray:
-    """Starting ratios: each component fitted alone by the (cheap) eigen path."""
-    idx_comp = stats.component_index
-    starts = []
-    for i in range(len(stats.components)):
-        sel = np.ix_(idx_comp == i, idx_comp == i)
-        crit = EigenCriterion.from_matrices(red.ZRZ[sel], red.ZRy[idx_comp == i][:, ok], red.yRy[ok],
-                                            stats.ZZ[sel], reml, m)
-        g = fit_ratio_eigen(crit, maxiter=20).g[:, 0]
-        starts.append(np.where(np.isfinite(g), np.minimum(g, 1e3), 0.1))
-    return np.column_stack(starts)
 
 
 def quadratic_form(red: Reduced, gdiag: np.ndarray, genes: np.ndarray) -> np.ndarray:

@@ -36,6 +36,11 @@ class ScoringProblem:
     m: float             # n - p (REML) or n (ML)
     start_df: float      # n - p: the starting residual variance is yRy / (n - p)
 
+    def subset(self, rows: np.ndarray) -> ScoringProblem:
+        """The problem of genes ``rows``."""
+        return ScoringProblem(self.ZRZ, self.r[rows], self.yRy[rows], self.trace_mat, self.E,
+                              self.m, self.start_df)
+
 
 @dataclass
 class ScoringResult:

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from ._memory import MemoryBudget
 from ._newton import projected_newton
 from ._structure import Lambda, ThetaStructure, _bmm, theta_structure
 
@@ -266,12 +267,45 @@ class MFactor:
         return self.M11inv + FS @ np.swapaxes(self.F, -1, -2), FS
 
 
-def _gene_chunks(G: int, st: ThetaStructure, p: int, budget: int = 4_000_000
-                 ) -> list[np.ndarray]:
+#: Genes per evaluation chunk aim at this many float64 of working set (32 MB).
+CHUNK_FLOATS = 4_000_000
+
+
+def working_set_floats(st: ThetaStructure, p: int) -> int:
+    """float64 values one gene holds during an evaluation (criterion, gradient, GLS).
+
+    A conservative count of the block arrays alive at once: the factor of
+    ``M`` (group blocks, their cross products with the global block, the
+    Schur complement) and the block vectors with ``1 + p`` columns.
+    """
     m, s, d = st.n_groups, st.block_size, st.glob_cols.size
-    per_gene = m * s * (3 * s + 3 * d + 4 * (p + 1)) + 3 * d * d + 4 * d * (p + 1)
-    size = max(1, budget // max(1, per_gene))
-    return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
+    return m * s * (4 * s + 4 * d + 6 * (p + 1)) + 4 * d * d + 6 * d * (p + 1) + 4 * p * p
+
+
+def shared_floats(st: ThetaStructure, p: int) -> int:
+    """float64 values of the blocks of ``Z'Z`` and ``Z'X`` shared by every gene."""
+    m, s, d = st.n_groups, st.block_size, st.glob_cols.size
+    return m * s * (s + d + p) + d * (d + p)
+
+
+def chunk_genes(st: ThetaStructure, p: int, budget: MemoryBudget | None = None,
+                workers: int = 1) -> int:
+    """Genes per evaluation chunk: :data:`CHUNK_FLOATS` of working set, within ``budget``.
+
+    Raises :class:`~flashmm.MemoryBudgetError` before anything is allocated if
+    one gene per thread does not fit the budget.
+    """
+    per_gene = working_set_floats(st, p)
+    target = max(1, CHUNK_FLOATS // max(1, per_gene))
+    if budget is None:
+        return target
+    m, s, d = st.n_groups, st.block_size, st.glob_cols.size
+    return budget.genes_per_chunk(
+        8 * shared_floats(st, p), 8 * per_gene, workers,
+        what=f"the structured fit ({m} group blocks of {s} slots, a global block of {d})",
+        advice="Raise max_memory, use fewer threads (n_jobs), or simplify the random effects "
+               "(a crossed factor with many levels makes the global block large).",
+        target=target)
 
 
 # -------------------------------------------------------------- criterion
@@ -310,14 +344,22 @@ class ThetaCriterion:
     yy: np.ndarray         # (G,)
     n: int
     reml: bool
+    chunk: int = 0         # genes per evaluation chunk (0: chunk_genes without a budget)
 
     @classmethod
     def from_stats(cls, stats: Any, st: ThetaStructure, reml: bool,
-                   c: np.ndarray | None = None) -> ThetaCriterion:
-        """The criterion of every gene, each divided by ``c`` (default 1)."""
+                   c: np.ndarray | None = None, budget: MemoryBudget | None = None,
+                   workers: int = 1) -> ThetaCriterion:
+        """The criterion of every gene, each divided by ``c`` (default 1).
+
+        ``budget`` and ``workers`` size the gene chunks (and refuse a model whose
+        one-gene working set does not fit, before the blocks are gathered).
+        """
         c = np.ones(stats.n_genes) if c is None else c
+        chunk = chunk_genes(st, stats.k_fe, budget, workers)
         return cls(st, BlockZZ.from_stats(st, stats.ZZ, stats.ZX), stats.XX,
-                   (stats.XY / c).T, (stats.ZY / c).T, stats.yy / (c * c), int(stats.n), reml)
+                   (stats.XY / c).T, (stats.ZY / c).T, stats.yy / (c * c), int(stats.n), reml,
+                   chunk)
 
     @property
     def m(self) -> int:
@@ -327,16 +369,19 @@ class ThetaCriterion:
     def subset(self, idx: np.ndarray) -> ThetaCriterion:
         """The criterion of genes ``idx``."""
         return ThetaCriterion(self.st, self.zz, self.XX, self.XY[idx], self.ZY[idx],
-                              self.yy[idx], self.n, self.reml)
+                              self.yy[idx], self.n, self.reml, self.chunk)
+
+    def _chunk_size(self) -> int:
+        return self.chunk or chunk_genes(self.st, self.XX.shape[0])
 
     def chunks(self) -> list[np.ndarray]:
         """Gene chunks that bound the memory of one evaluation."""
-        return _gene_chunks(self.yy.shape[0], self.st, self.XX.shape[0])
+        G, size = self.yy.shape[0], self._chunk_size()
+        return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
 
     def fit_blocks(self, target: int = 256) -> list[np.ndarray]:
         """Blocks of genes optimised together: about ``target`` genes, one chunk at most."""
-        G = self.yy.shape[0]
-        size = max(1, min(target, len(self.chunks()[0]) if G else 1))
+        G, size = self.yy.shape[0], max(1, min(target, self._chunk_size()))
         return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
 
     def solve(self, theta: np.ndarray, idx: np.ndarray | slice = slice(None)) -> _Solved:

@@ -12,6 +12,7 @@ plus any variance components, named as in statsmodels.
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +42,9 @@ from ._fit_theta import (
     varpar_covariance,
     varpar_information,
 )
+from ._memory import MemoryBudget
 from ._reduce import residual_ss
-from ._structure import analyse_structure
+from ._structure import analyse_structure, check_identifiable
 from .gene import GeneResults, coefficient_table
 from .results import MultiGeneMixedLMResults
 
@@ -164,7 +166,8 @@ class ThetaEngineFit(EngineFit):
 
 def fit_structured(model: MultiGeneMixedLM, reml: bool = True, start_params: Any = None,
                    maxiter: int = 200, tol: float = 1e-10,
-                   df_method: str = "satterthwaite") -> RandomSlopesResults:
+                   df_method: str = "satterthwaite", n_jobs: int | None = None,
+                   max_memory: Any = None) -> RandomSlopesResults:
     """Fit every gene through the structured engine (see :mod:`flashmm._fit_theta`).
 
     Covers random slopes (``exog_re`` / ``re_formula``) and several variance
@@ -180,6 +183,7 @@ def fit_structured(model: MultiGeneMixedLM, reml: bool = True, start_params: Any
     stats = model.stats
     meta = stats.info.get(SLOPES_KEY)
     if meta is None:
+        check_identifiable(stats.components, stats.ZZ, stats.ZX, stats.XX)
         st = analyse_structure(stats.components, stats.ZZ)
     else:
         st = analyse_structure(stats.components, stats.ZZ, re_dim=int(meta["dim"]),
@@ -189,7 +193,8 @@ def fit_structured(model: MultiGeneMixedLM, reml: bool = True, start_params: Any
     status = _degenerate_status(sc, residual_ss(sc))
     ok = np.flatnonzero(status == STATUS_OK)
     G, t = stats.n_genes, st.n_theta
-    crit = ThetaCriterion.from_stats(stats, st, reml, c)
+    workers = max(1, n_jobs or os.cpu_count() or 1)
+    crit = ThetaCriterion.from_stats(stats, st, reml, c, MemoryBudget.of(max_memory), workers)
     m = crit.m
     theta = np.full((G, t), np.nan)
     converged = np.zeros(G, dtype=bool)
@@ -202,7 +207,7 @@ def fit_structured(model: MultiGeneMixedLM, reml: bool = True, start_params: Any
         if start_params is not None:
             start = np.asarray(start_params, dtype=float)
             start = np.broadcast_to(start if meta is not None else np.sqrt(start), (G, t))[ok]
-        res = minimise_theta(sub, tol=tol, maxiter=maxiter, start_theta=start)
+        res = minimise_theta(sub, tol=tol, maxiter=maxiter, start_theta=start, n_jobs=workers)
         theta[ok], converged[ok], n_iter[ok] = res.theta, res.converged, res.n_iter
         S, logdet, _, _ = sub.parts(res.theta, grad=False)
         s = S / m

@@ -317,32 +317,38 @@ def analyse_structure(components: tuple[RandomComponent, ...], ZZ: np.ndarray | 
         m = sizes[0] // r
         owner = np.full(q, -1, dtype=int)
         owner[:sizes[0]] = np.arange(sizes[0]) // r
+        factor = np.arange(sizes[0])
         labels = list((components[0].groups or ())[::r])
         _assign_rest(owner, components, offsets, labels, ZZ, skip=(0,))
     else:
         pairs, vc = [], list(range(len(components)))
-        owner, m = _owner_without_slopes(components, offsets, ZZ)
+        owner, m, factor = _owner_without_slopes(components, offsets, ZZ)
     if ZZ is not None:
         _move_crossing_to_global(owner, ZZ, fixed=np.arange(sizes[0] if r else 0))
     lower = np.array([0.0 if a == b else -np.inf for a, b in pairs] + [0.0] * len(vc))
     theta_of = np.full(q, -1, dtype=int)
     for j, ci in enumerate(vc):
         theta_of[offsets[ci]:offsets[ci + 1]] = len(pairs) + j
-    return _layout(q, r, m, pairs, lower, vc, owner, theta_of)
+    return _layout(q, r, m, pairs, lower, vc, owner, theta_of, factor)
 
 
 def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.ndarray,
-                          ZZ: np.ndarray | None) -> tuple[np.ndarray, int]:
-    """Group of every column (-1: global) and the number of groups, no random slopes."""
+                          ZZ: np.ndarray | None) -> tuple[np.ndarray, int, np.ndarray]:
+    """Group of every column (-1: global), the number of groups and the blocking columns.
+
+    The blocking columns (one per group, the factor's own) go first in their
+    block, so that nested columns make arrowhead blocks.
+    """
+    none = np.zeros(0, dtype=int)
     q = int(offsets[-1])
     labelled = [c.groups is not None for c in components]
     if all(labelled):                       # nested in ``groups`` (statsmodels' spelling)
         levels = sorted({g for c in components for g in c.groups})
         owner = np.full(q, -1, dtype=int)
         _assign_rest(owner, components, offsets, levels, None, skip=())
-        return owner, len(levels)
+        return owner, len(levels), none
     if ZZ is None:
-        return np.full(q, -1, dtype=int), 0
+        return np.full(q, -1, dtype=int), 0, none
     best: tuple[int, int, int] | None = None
     best_owner = np.full(q, -1, dtype=int)
     for ci, comp in enumerate(components):
@@ -356,7 +362,9 @@ def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.n
         key = (int(np.sum(owner < 0)), -comp.size, ci)
         if best is None or key < best:
             best, best_owner = key, owner
-    return best_owner, (0 if best is None else components[best[2]].size)
+    if best is None:
+        return best_owner, 0, none
+    return best_owner, components[best[2]].size, np.arange(offsets[best[2]], offsets[best[2] + 1])
 
 
 def _assign_rest(owner: np.ndarray, components: tuple[RandomComponent, ...], offsets: np.ndarray,
@@ -425,17 +433,78 @@ def _move_crossing_to_global(owner: np.ndarray, ZZ: np.ndarray, fixed: np.ndarra
 
 
 def _layout(q: int, r: int, m: int, pairs: list[tuple[int, int]], lower: np.ndarray,
-            vc: list[int], owner: np.ndarray, theta_of: np.ndarray) -> ThetaStructure:
-    """Slots of every group block (random slopes first, then columns in Z's order)."""
+            vc: list[int], owner: np.ndarray, theta_of: np.ndarray,
+            first: np.ndarray) -> ThetaStructure:
+    """Slots of every group block: the ``first`` columns (random slopes or the blocking
+    factor), then the others in Z's order."""
     inside = np.flatnonzero(owner >= 0)
     counts = np.bincount(owner[inside], minlength=m) if m else np.zeros(0, dtype=int)
     s = int(counts.max()) if counts.size else 0
     slot_cols = np.full((m, s), -1, dtype=int)
     slot_theta = np.full((m, s), -1, dtype=int)
-    order = inside[np.lexsort((inside, owner[inside]))]      # by group, then column
+    rank = np.ones(q, dtype=int)
+    rank[first] = 0
+    order = inside[np.lexsort((inside, rank[inside], owner[inside]))]   # group, first, column
     starts = np.concatenate([[0], np.cumsum(counts)])[:-1] if m else np.zeros(0, dtype=int)
     pos = np.arange(order.size) - np.repeat(starts, counts)
     slot_cols[owner[order], pos] = order
     slot_theta[owner[order], pos] = theta_of[order]
     glob = np.flatnonzero(owner < 0)
     return ThetaStructure(q, r, pairs, lower, vc, slot_cols, slot_theta, glob, theta_of[glob])
+
+
+def check_identifiable(components: tuple[RandomComponent, ...], ZZ: np.ndarray, ZX: np.ndarray,
+                       XX: np.ndarray, rtol: float = 1e-9) -> None:
+    """Refuse variance components that the data cannot separate, naming them.
+
+    From the sufficient statistics alone:
+
+    * a component whose columns lie in the span of the fixed effects
+      (``tr(Z_i' R Z_i) = 0`` with ``R`` the projection off ``X``): its
+      variance does not enter the REML likelihood;
+    * two indicator components with the same partition of the cells (each a
+      relabelling of the other): only the sum of their variances is
+      identified.  A component nested in another (``donor`` within
+      ``donor:celltype``) is identifiable and passes.
+
+    Raises
+    ------
+    DesignError
+    """
+    import scipy.linalg as sla
+
+    from ._errors import DesignError
+
+    sizes = [c.size for c in components]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(components))]
+    chol = sla.cho_factor(XX, lower=True)
+    for comp, sl in zip(components, blocks, strict=True):
+        total = float(np.trace(ZZ[sl, sl]))
+        explained = float(np.sum(ZX[sl] * sla.cho_solve(chol, ZX[sl].T).T))
+        if total <= 0 or total - explained <= rtol * total:
+            raise DesignError(
+                f"random component {comp.name!r} lies in the span of the fixed effects (every "
+                "one of its columns is a combination of the columns of exog): its variance "
+                "cannot be estimated. Remove it, or remove the matching fixed-effect terms.")
+    diagonal = [not np.any(ZZ[sl, sl] - np.diag(np.diag(ZZ[sl, sl]))) for sl in blocks]
+    for i in range(len(components)):
+        for j in range(i + 1, len(components)):
+            if not (diagonal[i] and diagonal[j]) or sizes[i] != sizes[j]:
+                continue
+            if (_residual_trace(ZZ, blocks[j], blocks[i]) <= rtol * np.trace(ZZ[blocks[j], blocks[j]])
+                    and _residual_trace(ZZ, blocks[i], blocks[j])
+                    <= rtol * np.trace(ZZ[blocks[i], blocks[i]])):
+                raise DesignError(
+                    f"random components {components[i].name!r} and {components[j].name!r} "
+                    "group the cells identically (one is a relabelling of the other): only the "
+                    "sum of their variances can be estimated. Remove one of them.")
+
+
+def _residual_trace(ZZ: np.ndarray, target: slice, basis: slice) -> float:
+    """``tr(Z_t' Z_t) - tr(Z_t' P_b Z_t)`` for an indicator basis ``b`` (diagonal ``Z_b'Z_b``)."""
+    d = np.diag(ZZ[basis, basis])
+    cross = ZZ[basis, target]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        proj = np.sum(np.where(d[:, None] > 0, cross * cross / d[:, None], 0.0))
+    return float(np.trace(ZZ[target, target]) - proj)

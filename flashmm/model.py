@@ -303,6 +303,9 @@ class MultiGeneMixedLM:
         tol: float = 1e-10,
         allow_negative_variance: bool = False,
         df_method: str = "satterthwaite",
+        *,
+        n_jobs: int | None = None,
+        max_memory: int | float | str | None = None,
     ) -> MultiGeneMixedLMResults:
         """Fit every gene at once.
 
@@ -312,7 +315,8 @@ class MultiGeneMixedLM:
             REML (default) or ML.
         start_params : array_like, optional
             Starting variance ratios ``s_i / s`` (length k, or genes x k) for the
-            several-component optimiser. The one-component path needs none.
+            several-component optimiser, tried besides its default start (with
+            random slopes: lme4's ``theta``). The one-component path needs none.
         maxiter : int
             Maximum iterations of the optimiser.
         tol : float
@@ -323,6 +327,14 @@ class MultiGeneMixedLM:
             (variances may be negative).
         df_method : {"satterthwaite", "residual", "normal"}
             Default reference distribution of the tests (overridable per test).
+        n_jobs : int, optional
+            Threads for the structured engine (several components, random
+            slopes); default: the number of cores.
+        max_memory : int, float or str, optional
+            Memory the fit may use, in bytes or as ``"2GB"`` (default: half of
+            the machine's RAM).  Gene chunks are sized to it; a model that
+            cannot fit within it is refused before anything is allocated
+            (:class:`~flashmm.MemoryBudgetError`, saying what it needs).
 
         Returns
         -------
@@ -336,12 +348,13 @@ class MultiGeneMixedLM:
             from ._slopes import fit_structured
 
             return fit_structured(self, reml=reml, start_params=start, maxiter=maxiter,
-                                  tol=tol, df_method=df_method)
+                                  tol=tol, df_method=df_method, n_jobs=n_jobs,
+                                  max_memory=max_memory)
         if allow_negative_variance and "random_slopes" in self.stats.info:
             raise DesignError("allow_negative_variance=True is not available with exog_re / "
                               "re_formula random slopes.")
         eng = fit_variance_ratios(
-            self.stats, reml=reml, start_ratios=start, tol=tol, maxiter=maxiter,
-            allow_negative_variance=allow_negative_variance,
+            self.stats, reml=reml, tol=tol, maxiter=maxiter,
+            allow_negative_variance=allow_negative_variance, max_memory=max_memory,
         )
         return MultiGeneMixedLMResults(self, eng, df_method=df_method)

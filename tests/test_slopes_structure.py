@@ -6,7 +6,9 @@ for components that are not nested).  These tests build small problems with
 every kind of block -- r correlated effects per group, nested variance
 components with unequal numbers of levels per group (empty slots), and a
 crossed component in the global block -- and compare with the textbook
-formulas on the n x n covariance ``V = I + Z Lambda Lambda' Z'``.
+formulas on the n x n covariance ``V = I + Z Lambda Lambda' Z'``.  The same
+checks cover models of variance components only (diagonal ``Lambda``,
+arrowhead group blocks), with the layout found from the pattern of ``Z'Z``.
 
 Tolerances: criterion values, GLS estimates, BLUPs and conditional
 covariances agree to round-off (1e-9 relative; the dense formulas lose a few
@@ -32,6 +34,7 @@ from flashmm._fit_theta import (
     theta_structure,
     varpar_information,
 )
+from flashmm._structure import analyse_structure
 
 
 def _problem(seed: int, nested: bool = True, crossed: bool = True, r: int = 2, G: int = 3
@@ -239,3 +242,61 @@ def test_satterthwaite_matches_dense_differences() -> None:
                           for e in np.eye(k) * h])
             ref = 2 * v(par, Y[:, gi], c) ** 2 / (g @ A @ g)
             np.testing.assert_allclose(df[gi, ri], ref, rtol=1e-4)
+
+
+def _unlabelled(comps: tuple[RandomComponent, ...]) -> tuple[RandomComponent, ...]:
+    return tuple(RandomComponent(c.name, c.levels) for c in comps)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_variance_component_layouts_match_dense(reml: bool, labelled: bool) -> None:
+    """Variance components only: a group intercept, a nested and a crossed component.
+
+    With the group labels (statsmodels' spelling) or without (groups=None), the
+    analysis must find the same layout from Z'Z: arrowhead group blocks
+    (intercept, then the nested batches) and the crossed plates in the global
+    block; criterion, gradient and GLS then match the dense formulas.
+    """
+    stats, comps, X, Z, Y = _problem(13, r=1)
+    comps = comps if labelled else _unlabelled(comps)
+    st = analyse_structure(comps, stats.ZZ)
+    assert st.re_dim == 0 and st.n_groups == 6
+    assert st.block_size == 4 and st.glob_cols.size == 4
+    np.testing.assert_array_equal(st.slot_cols[:, 0], np.arange(6))   # the intercepts first
+    crit = ThetaCriterion.from_stats(stats, st, reml)
+    assert crit.zz.arrowhead
+    rng = np.random.default_rng(4)
+    theta = rng.uniform(0.2, 1.5, size=(stats.n_genes, st.n_theta))
+    theta[0, 1] = 0.0                                  # a component at the boundary
+    f, grad = crit.gradient(theta)
+    gls = gls_theta(crit, theta)
+    h = 1e-6
+    for gi in range(stats.n_genes):
+        fd, b, C, blup, _, _ = _dense(st, X, Z, Y[:, gi], theta[gi], reml)
+        np.testing.assert_allclose(f[gi], fd, rtol=1e-11)
+        np.testing.assert_allclose(gls.fe_params[gi], b, rtol=1e-9)
+        np.testing.assert_allclose(gls.cov_unscaled[gi], C, rtol=1e-9)
+        np.testing.assert_allclose(gls.blup_unscaled[gi], blup, rtol=1e-9,
+                                   atol=1e-11 * np.abs(blup).max())
+        g_fd = np.array([(_dense(st, X, Z, Y[:, gi], theta[gi] + e, reml)[0]
+                          - _dense(st, X, Z, Y[:, gi], theta[gi] - e, reml)[0]) / (2 * h)
+                         for e in np.eye(st.n_theta) * h])
+        np.testing.assert_allclose(grad[gi], g_fd, rtol=1e-5, atol=1e-5 * np.abs(g_fd).max())
+
+
+def test_blocking_factor_leaves_the_fewest_global_columns() -> None:
+    """Without labels, donor (with donor:celltype nested in it) blocks, not donor:celltype."""
+    rng = np.random.default_rng(8)
+    donor = np.repeat(np.arange(5), 12)
+    ct = rng.integers(0, 3, size=donor.size)
+    dct = donor * 3 + ct
+    _, dct = np.unique(dct, return_inverse=True)
+    Z = np.hstack([(donor[:, None] == np.arange(5)).astype(float),
+                   (dct[:, None] == np.arange(dct.max() + 1)).astype(float)])
+    comps = (RandomComponent("dct", tuple(map(str, range(dct.max() + 1)))),
+             RandomComponent("donor", tuple(map(str, range(5)))))
+    Z = np.hstack([Z[:, 5:], Z[:, :5]])               # the larger factor first in Z
+    st = analyse_structure(comps, Z.T @ Z)
+    assert st.n_groups == 5 and st.glob_cols.size == 0
+    np.testing.assert_array_equal(np.sort(st.slot_cols[:, 0]), comps[0].size + np.arange(5))
