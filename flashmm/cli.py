@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--ml", dest="reml", action="store_false", help="maximum likelihood")
     fit.add_argument("--df-method", default="satterthwaite",
                      choices=["satterthwaite", "residual", "normal"], help="test df (default satterthwaite)")
+    fit.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory the fit may use, e.g. 8GB (default: half of the RAM); a model "
+                          "that needs more is refused before fitting")
+    fit.add_argument("--jobs", type=int, default=None, metavar="N",
+                     help="threads for several components and random slopes (default: all cores)")
     fit.add_argument("--out", required=True, help="output CSV (tidy table)")
     fit.add_argument("--write-h5ad", metavar="OUT.h5ad",
                      help="also write obs/var and the results (write_results) to this .h5ad (X not copied)")
@@ -217,7 +222,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     model = MultiGeneMixedLM.from_sufficient_stats(stats)
     contrasts = _pairs(args.contrast, "--contrast")
     with Progress(2, "fit and tests", unit="step", enabled=not args.quiet) as bar:
-        res = model.fit(reml=args.reml, df_method=args.df_method)
+        res = model.fit(reml=args.reml, df_method=args.df_method, n_jobs=args.jobs,
+                        max_memory=args.max_memory)
         bar(1)
         table, con = _tests_table(res, contrasts)
         bar(1)

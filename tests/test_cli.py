@@ -97,6 +97,29 @@ def test_fit_random_slopes_matches_the_api(h5ad, tmp_path):
     assert main(_fit_args(path, tmp_path / "ind.csv", "--re-formula", re, "--independent-re")) == 0
 
 
+def test_fit_nested_components_matches_the_api(h5ad, tmp_path, capsys):
+    """--re-intercept --vc: the statsmodels spelling of (1|sam) + (1|sam:cls), structured engine."""
+    path, ad = h5ad
+    out = tmp_path / "nested.csv"
+    assert main(_fit_args(path, out, "--re-intercept", "--vc", "sc=0 + C(cls)", "--jobs", "1",
+                          "--max-memory", "1GB")) == 0
+    res = flashmm.MultiGeneMixedLM.from_formula(FORMULA, ad, groups="sam", re_formula="1",
+                                                vc_formula={"sc": "0 + C(cls)"},
+                                                transform="log2p1").fit()
+    assert res._st.glob_cols.size == 0                    # one block per sample
+    terms = pd.read_csv(out).pivot(index="gene", columns="contrast", values="pvalue")
+    expected = res.t_test(np.eye(res.k_fe)).pvalue
+    np.testing.assert_allclose(terms.loc[res.gene_names, res.exog_names].to_numpy(),
+                               expected.to_numpy(), rtol=1e-9)
+    # a budget the model cannot fit in: refused with what it needs, one line, exit code 2
+    capsys.readouterr()
+    assert main(_fit_args(path, tmp_path / "x.csv", "--re-intercept", "--vc", "sc=0 + C(cls)",
+                          "--max-memory", "2KB")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashmm: error:") and "needs at least" in err and "max_memory" in err
+    assert len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--independent-re"], "--independent-re needs --re-formula"),
     (["--re-intercept", "--re-formula", "~ 1"], "not both"),
