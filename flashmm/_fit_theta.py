@@ -105,7 +105,8 @@ class BlockZZ:
         valid = st.slot_cols >= 0
         sc = np.where(valid, st.slot_cols, 0)
         A = ZZ[sc[:, :, None], sc[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
-        B = ZZ[sc][:, :, st.glob_cols] * valid[:, :, None]
+        m, s = sc.shape
+        B = ZZ[np.ix_(sc.ravel(), st.glob_cols)].reshape(m, s, -1) * valid[:, :, None]
         C = ZZ[np.ix_(st.glob_cols, st.glob_cols)]
         return cls(st, A, B, C, ZX[sc] * valid[:, :, None], ZX[st.glob_cols])
 
@@ -151,8 +152,31 @@ class BlockZZ:
 
 
 def _logdet_pd(M: np.ndarray) -> np.ndarray:
-    L = np.linalg.cholesky(M)
+    """``log|M|`` of a stack of SPD matrices; NaN for those that are not (numerically) PD.
+
+    Far from the optimum (a line-search trial with huge variance ratios),
+    ``X'H^-1X = X'X - ...`` can lose its positive definiteness to cancellation;
+    NaN there makes the line search reject the trial instead of failing the fit.
+    """
+    try:
+        L = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
+        w = np.linalg.eigvalsh(M)
+        pd_ = np.all(w > 0.0, axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(pd_, np.sum(np.log(np.abs(w)), axis=-1), np.nan)
     return 2.0 * np.sum(np.log(np.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
+
+
+def _spd_inv(M: np.ndarray) -> np.ndarray:
+    """Inverse of a stack of SPD matrices; NaN for those that are singular."""
+    try:
+        return _sym(np.linalg.inv(M))
+    except np.linalg.LinAlgError:
+        w, V = np.linalg.eigh(M)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(w > 0.0, 1.0 / w, np.nan)
+        return _sym((V * inv[..., None, :]) @ np.swapaxes(V, -1, -2))
 
 
 def _arrowhead_parts(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,7 +214,7 @@ def _small_spd_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     s = M.shape[-1]
     if s > 4:
-        return _sym(np.linalg.inv(M)), _logdet_pd(M)
+        return _spd_inv(M), _logdet_pd(M)
     L = np.zeros(M.shape)
     for j in range(s):
         d = np.sqrt(M[..., j, j] - np.sum(L[..., j, :j] ** 2, axis=-1))
@@ -247,7 +271,7 @@ class MFactor:
         Sc = (np.eye(d) + lam.dvec[:, :, None] * zz.C * lam.dvec[:, None, :]
               - np.swapaxes(_flat(M12), 1, 2) @ _flat(F))
         Sc = _sym(Sc)
-        return cls(M11inv, M12, F, _sym(np.linalg.inv(Sc)), logdet + _logdet_pd(Sc))
+        return cls(M11inv, M12, F, _spd_inv(Sc), logdet + _logdet_pd(Sc))
 
     def solve(self, b1: np.ndarray, b2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``M^-1 b`` for block vectors with k columns."""
@@ -399,7 +423,7 @@ class ThetaCriterion:
              + np.swapaxes(LR[1], 1, 2) @ W[1])
         XHX = _sym(self.XX - Q[:, 1:, 1:])
         XHy = self.XY[idx] - Q[:, 1:, 0]
-        C = _sym(np.linalg.inv(XHX))
+        C = _spd_inv(XHX)
         b = np.einsum("gij,gj->gi", C, XHy)
         S = self.yy[idx] - Q[:, 0, 0] - np.sum(XHy * b, axis=1)
         logdet = fac.logdet + (_logdet_pd(XHX) if self.reml else 0.0)

@@ -353,8 +353,8 @@ def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.n
     best_owner = np.full(q, -1, dtype=int)
     for ci, comp in enumerate(components):
         cols = np.arange(offsets[ci], offsets[ci + 1])
-        sub = ZZ[np.ix_(cols, cols)]
-        if comp.size < 2 or np.any(sub - np.diag(np.diag(sub))):
+        sub = ZZ[offsets[ci]:offsets[ci + 1], offsets[ci]:offsets[ci + 1]]
+        if comp.size < 2 or np.count_nonzero(sub) != np.count_nonzero(np.diag(sub)):
             continue                        # not an indicator factor: no group blocks
         owner = np.full(q, -1, dtype=int)
         owner[cols] = np.arange(comp.size)
@@ -400,19 +400,30 @@ def _assign_by_pattern(owner: np.ndarray, cols: np.ndarray, group_cols: np.ndarr
     """Give each column of ``cols`` the one group whose columns it shares cells with.
 
     ``group_cols`` (m, w) lists every group's columns (-1 padding).  A column
-    touching no group or several stays global (-1).
+    touching no group or several stays global (-1).  Works on the non-zero
+    pairs of ``Z'Z`` (memory of the order of its non-zeros, not q^2).
     """
     if cols.size == 0 or group_cols.size == 0:
         return
     valid = group_cols >= 0
-    flat = group_cols[valid]
-    grp = np.nonzero(valid)[0]
-    touch = ZZ[np.ix_(cols, flat)] != 0                     # (|cols|, columns of groups)
-    counts = np.zeros((cols.size, group_cols.shape[0]), dtype=np.int64)
-    np.add.at(counts.T, grp, touch.T.astype(np.int64))
-    hit = counts > 0
-    single = hit.sum(axis=1) == 1
-    owner[cols[single]] = np.argmax(hit[single], axis=1)
+    group_of = np.full(owner.size, -1, dtype=np.int64)
+    group_of[group_cols[valid]] = np.nonzero(valid)[0]
+    is_col = np.zeros(owner.size, dtype=bool)
+    is_col[cols] = True
+    rows, other = _nonzero_pairs(ZZ)
+    sel = is_col[rows] & (group_of[other] >= 0)
+    rows, grp = rows[sel], group_of[other[sel]]
+    lo = np.full(owner.size, np.iinfo(np.int64).max)
+    hi = np.full(owner.size, -1)
+    np.minimum.at(lo, rows, grp)
+    np.maximum.at(hi, rows, grp)
+    single = cols[hi[cols] == lo[cols]]                    # exactly one group touched
+    owner[single] = hi[single]
+
+
+def _nonzero_pairs(ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of every non-zero of ``Z'Z``."""
+    return np.nonzero(ZZ)
 
 
 def _move_crossing_to_global(owner: np.ndarray, ZZ: np.ndarray, fixed: np.ndarray) -> None:
@@ -422,11 +433,11 @@ def _move_crossing_to_global(owner: np.ndarray, ZZ: np.ndarray, fixed: np.ndarra
     """
     keep = np.zeros(owner.size, dtype=bool)
     keep[fixed] = True
+    rows, cols = _nonzero_pairs(ZZ)
     while True:
-        inside = np.flatnonzero(owner >= 0)
-        sub = ZZ[np.ix_(inside, inside)] != 0
-        clash = sub & (owner[inside][:, None] != owner[inside][None, :])
-        bad = inside[clash.any(axis=1) & ~keep[inside]]
+        clash = (owner[rows] >= 0) & (owner[cols] >= 0) & (owner[rows] != owner[cols])
+        bad = np.unique(rows[clash])
+        bad = bad[~keep[bad]]
         if bad.size == 0:
             return
         owner[bad] = -1
@@ -487,7 +498,8 @@ def check_identifiable(components: tuple[RandomComponent, ...], ZZ: np.ndarray, 
                 f"random component {comp.name!r} lies in the span of the fixed effects (every "
                 "one of its columns is a combination of the columns of exog): its variance "
                 "cannot be estimated. Remove it, or remove the matching fixed-effect terms.")
-    diagonal = [not np.any(ZZ[sl, sl] - np.diag(np.diag(ZZ[sl, sl]))) for sl in blocks]
+    diagonal = [np.count_nonzero(ZZ[sl, sl]) == np.count_nonzero(np.diag(ZZ[sl, sl]))
+                for sl in blocks]
     for i in range(len(components)):
         for j in range(i + 1, len(components)):
             if not (diagonal[i] and diagonal[j]) or sizes[i] != sizes[j]:

@@ -131,3 +131,18 @@ def test_a_gene_that_cannot_be_fitted_does_not_stop_the_others() -> None:
     assert res.llf.iloc[:2].isna().all() and res.llf.iloc[2:].notna().all()
     tab = res.t_test("ct[c0]:trt[T.B]").summary_frame()
     assert tab["padj"].iloc[:2].isna().all() and tab["padj"].iloc[2:].notna().all()
+
+
+def test_a_trial_point_that_breaks_positive_definiteness_is_nan_not_an_error() -> None:
+    """Cancellation in X'H^-1X at huge ratios gives NaN for that gene (the line search
+    rejects the step) instead of a LinAlgError that would stop every gene."""
+    from flashmm._fit_theta import _logdet_pd, _spd_inv
+
+    good = np.array([[2.0, 0.5], [0.5, 1.0]])
+    bad = np.array([[1.0, 2.0], [2.0, 1.0]])                  # indefinite
+    ld = _logdet_pd(np.stack([good, bad, good]))
+    np.testing.assert_allclose(ld[[0, 2]], np.log(np.linalg.det(good)), rtol=1e-14)
+    assert np.isnan(ld[1])
+    inv = _spd_inv(np.stack([good, np.zeros((2, 2))]))
+    np.testing.assert_allclose(inv[0], np.linalg.inv(good), rtol=1e-12)
+    assert np.isnan(inv[1]).all()
