@@ -18,46 +18,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._components import RandomComponent
 from ._errors import DesignError
+from ._exog_re import random_slopes_block
+from ._kinship import apply_group_cov
 
 __all__ = ["RandomComponent", "Design", "build_design", "build_formula_design"]
-
-
-@dataclass(frozen=True)
-class RandomComponent:
-    """One variance component: a set of random effects sharing one variance.
-
-    Parameters
-    ----------
-    name : str
-        Name of the component (statsmodels calls its variance ``"<name> Var"``).
-    levels : tuple of str
-        Label of every random effect (every column of ``Z`` in this block).
-    groups : tuple of str or None
-        For components nested in ``groups``: the group each effect belongs to.
-    columns : tuple of str or None
-        For nested components: the column label within its group (statsmodels'
-        ``random_effects`` index).
-    cov_levels : tuple of str or None
-        With a known covariance ``K = L L'`` among the groups (``group_cov``):
-        the original group labels; ``levels`` are then the eigen-directions.
-    cov_factor : ndarray or None
-        The factor ``L`` (len(cov_levels) x size), so that ``u = L v``.
-    """
-
-    name: str
-    levels: tuple[str, ...]
-    groups: tuple[str, ...] | None = None
-    columns: tuple[str, ...] | None = None
-    # known covariance among the original levels (see flashmm.kinship): the
-    # columns of Z are then eigen-directions, u = cov_factor @ v on cov_levels
-    cov_levels: tuple[str, ...] | None = None
-    cov_factor: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        """Number of random effects in the component."""
-        return len(self.levels)
 
 
 @dataclass
@@ -255,7 +221,7 @@ def build_design(
     exog_re : array_like or DataFrame, shape (n, r), optional
         Correlated random effects per group (statsmodels' ``exog_re``): an
         unstructured r x r covariance, or diagonal with ``independent_re=True``
-        (see :mod:`flashmm._slopes`). Needs ``groups``; ``exog_vc`` components
+        (see :mod:`flashmm._exog_re`). Needs ``groups``; ``exog_vc`` components
         are then nested within groups alongside.
     group_cov : DataFrame or array_like, optional
         Known covariance (kinship) among the levels of ``groups``: the group
@@ -277,9 +243,7 @@ def build_design(
     if groups is not None:
         labels = _as_labels(groups, "groups", n)
         group_codes, group_levels = _codes(labels)
-        if exog_re is not None:  # random slopes: see _slopes.py
-            from ._slopes import random_slopes_block
-
+        if exog_re is not None:  # random slopes: see _exog_re.py
             re_block, re_comp, re_meta = random_slopes_block(
                 exog_re, group_codes, group_levels, gname, n, independent_re,
                 None if exog_re_names is None else list(exog_re_names))
@@ -294,8 +258,6 @@ def build_design(
             block, comp = _indicator(group_codes, len(group_levels)), RandomComponent(
                 gname, tuple(group_levels))
             if group_cov is not None:
-                from ._kinship import apply_group_cov
-
                 block, comp = apply_group_cov(block, comp, group_cov)
             blocks.append(block)
             comps.append(comp)
@@ -454,7 +416,7 @@ def build_formula_design(
     if re_formula is not None:
         if groups is None:
             raise DesignError("re_formula needs groups.")
-        if re_formula.strip().lstrip("~").strip() != "1":  # random slopes: see _slopes.py
+        if re_formula.strip().lstrip("~").strip() != "1":  # random slopes: see _exog_re.py
             exog_re = _patsy_matrix(patsy, re_formula, data, "re_formula")
             exog_re.columns = [str(c).replace("Intercept", group_name or "Group")
                                for c in exog_re.columns]

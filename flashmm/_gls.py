@@ -13,13 +13,14 @@ accept negative ratios (FLASHMM's unconstrained estimates).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ._reduce import symmetric_eigh
 from .stats import SufficientStats
 
-__all__ = ["GLSEstimates", "gls_estimates", "logdet_ratio"]
+__all__ = ["GLSEstimates", "gls_estimates", "logdet_ratio", "condvar_levels"]
 
 
 @dataclass
@@ -123,4 +124,33 @@ def logdet_ratio(mat: np.ndarray, gdiag: np.ndarray) -> np.ndarray:
     for idx in _gene_blocks(gdiag.shape[0], q * q):
         A = np.eye(q)[None] + gdiag[idx, :, None] * mat[None]
         out[idx] = np.linalg.slogdet(A)[1]
+    return out
+
+
+def condvar_levels(stats: Any, ratios: np.ndarray, usable: np.ndarray) -> dict[int, np.ndarray]:
+    """Unscaled conditional variances ``diag(L T_cc L')`` of components with a known covariance.
+
+    ``T = G (I + ZZ G)^-1`` (``Var(v | y) / s`` as in :mod:`flashmm._gls`); for one
+    component ``T = Q diag(g / (1 + g mu)) Q'`` and the diagonal is
+    ``((L Q)^2) t`` with its limit ``t = 1 / mu`` at ``g = inf`` (``h2 = 1``).
+    A known covariance is accepted for a model with that one component only.
+
+    Returns
+    -------
+    dict
+        Component position -> (genes x levels) array (NaN for unusable genes).
+    """
+    comps = stats.components
+    out: dict[int, np.ndarray] = {}
+    starts = np.concatenate([[0], np.cumsum(stats.sizes)])
+    G = ratios.shape[0]
+    for i, comp in enumerate(comps):
+        if comp.cov_factor is None:
+            continue
+        L = comp.cov_factor
+        res = np.full((G, L.shape[0]), np.nan)
+        ok = np.flatnonzero(usable)
+        mu, Q = symmetric_eigh(stats.ZZ[starts[i]:starts[i + 1], starts[i]:starts[i + 1]])
+        res[ok] = _eigen_t(ratios[ok, i], mu) @ ((L @ Q) ** 2).T
+        out[i] = res
     return out

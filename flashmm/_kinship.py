@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._design import RandomComponent
+from ._components import RandomComponent
 from ._errors import DesignError
 
-__all__ = ["kinship_factor", "apply_group_cov", "to_levels", "condvar_levels"]
+__all__ = ["kinship_factor", "apply_group_cov", "to_levels"]
 
 #: eigenvalues below ``-NEG_TOL * max eigenvalue`` make K indefinite (an error)
 NEG_TOL = 1e-8
@@ -128,43 +128,3 @@ def apply_group_cov(block: sp.csr_matrix, comp: RandomComponent, K: Any,
 def to_levels(comp: RandomComponent, values: np.ndarray) -> np.ndarray:
     """Map effects on the eigen-directions (genes x r) to the levels: ``u = L v``."""
     return values @ comp.cov_factor.T
-
-
-def condvar_levels(stats: Any, ratios: np.ndarray, usable: np.ndarray) -> dict[int, np.ndarray]:
-    """Unscaled conditional variances ``diag(L T_cc L')`` of components with a known covariance.
-
-    ``T = G (I + ZZ G)^-1`` (``Var(v | y) / s`` as in :mod:`flashmm._gls`); for one
-    component ``T = Q diag(g / (1 + g mu)) Q'`` and the diagonal is
-    ``((L Q)^2) t`` with its limit ``t = 1 / mu`` at ``g = inf`` (``h2 = 1``).
-
-    Returns
-    -------
-    dict
-        Component position -> (genes x levels) array (NaN for unusable genes).
-    """
-    from ._gls import _eigen_t
-    from ._reduce import symmetric_eigh
-
-    comps = stats.components
-    out: dict[int, np.ndarray] = {}
-    starts = np.concatenate([[0], np.cumsum(stats.sizes)])
-    G = ratios.shape[0]
-    for i, comp in enumerate(comps):
-        if comp.cov_factor is None:
-            continue
-        L = comp.cov_factor
-        res = np.full((G, L.shape[0]), np.nan)
-        ok = np.flatnonzero(usable)
-        if len(comps) == 1:
-            mu, Q = symmetric_eigh(stats.ZZ)
-            LQ2 = (L @ Q) ** 2
-            res[ok] = _eigen_t(ratios[ok, 0], mu) @ LQ2.T
-        else:
-            sl = slice(starts[i], starts[i + 1])
-            gdiag = ratios[:, stats.component_index]
-            eye = np.eye(stats.k_re)
-            for g in ok:
-                T = np.linalg.solve(eye + gdiag[g][:, None] * stats.ZZ, np.diag(gdiag[g]))
-                res[g] = np.einsum("ij,jk,ik->i", L, T[sl, sl], L)
-        out[i] = res
-    return out

@@ -47,7 +47,8 @@ def projected_newton(crit: Criterion, x: np.ndarray, lower: np.ndarray, tol: flo
     projected path. A row converges when its Newton decrement is below
     ``tol``; one last full Newton step then polishes it well below the
     criterion's own round-off (flat likelihoods). A row whose line search can
-    make no progress stops, converged if its decrement is below 1e-6.
+    make no progress (no step lowers the criterion: its round-off level, which
+    grows with the number of cells) stops, converged if its decrement is below 1e-6.
     """
     G = x.shape[0]
     x = np.maximum(np.array(x, dtype=float), lower)
@@ -78,7 +79,7 @@ def projected_newton(crit: Criterion, x: np.ndarray, lower: np.ndarray, tol: flo
                                         f[todo], lower)
         x[idx[todo]] = new
         fval[idx[todo]] = newf
-        stuck = todo[~moved]
+        stuck = todo[~moved | (newf >= f[todo])]        # no decrease left: round-off level
         converged[idx[stuck]] = decrement[stuck] < 1e-6
         active[idx[stuck]] = False
     return NewtonFit(x, fval, converged, n_iter)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._design import RandomComponent
+from ._components import RandomComponent
 
 __all__ = ["ThetaStructure", "Lambda", "analyse_structure", "theta_structure"]
 

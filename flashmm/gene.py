@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-
-if TYPE_CHECKING:
-    from .results import MultiGeneMixedLMResults
 
 __all__ = ["GeneResults"]
 
@@ -24,7 +21,7 @@ class GeneResults:
     group -> Series) and ``random_effects_cov``.
     """
 
-    def __init__(self, parent: MultiGeneMixedLMResults, pos: int) -> None:
+    def __init__(self, parent: Any, pos: int) -> None:
         self._parent = parent
         self._pos = pos
         self.name = str(parent.gene_names[pos])
@@ -204,7 +201,7 @@ def coefficient_table(values: np.ndarray, names: list[str], normal: bool,
     return frame
 
 
-def _n_groups(parent: MultiGeneMixedLMResults) -> int:
+def _n_groups(parent: Any) -> int:
     comps = parent.stats.components
     groups = {g for c in comps if c.groups is not None for g in c.groups}
     if groups:

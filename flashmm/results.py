@@ -14,14 +14,19 @@ import pandas as pd
 from scipy import stats as sps
 
 from ._engine import STATUS_OK, EngineFit
-from ._gls import GLSEstimates, gls_estimates
+from ._gls import GLSEstimates, condvar_levels, gls_estimates
 from ._reduce import Reduced, reduce_stats
 from ._satterthwaite import information_gs, satterthwaite_df
-from .contrasts import MultiGeneContrastResults, build_contrasts, wald_test_matrix
+from .contrasts import (
+    MultiGeneContrastResults,
+    build_contrasts,
+    t_quantile,
+    two_sided_p,
+    wald_test_matrix,
+)
 
 if TYPE_CHECKING:
     from .gene import GeneResults
-    from .model import MultiGeneMixedLM
 
 __all__ = ["MultiGeneMixedLMResults"]
 
@@ -34,7 +39,7 @@ class MultiGeneMixedLMResults:
     statsmodels' ``MixedLMResults``.  Use :meth:`gene` for a one-gene view.
     """
 
-    def __init__(self, model: MultiGeneMixedLM, fit: EngineFit, df_method: str = "satterthwaite") -> None:
+    def __init__(self, model: Any, fit: EngineFit, df_method: str = "satterthwaite") -> None:
         self.model = model
         self._fit = fit
         self.df_method = df_method
@@ -347,7 +352,7 @@ class MultiGeneMixedLMResults:
     @cached_property
     def pvalues(self) -> pd.DataFrame:
         """Two-sided p-values of the fixed effects with the fit's ``df_method``."""
-        return self._frame(_two_sided_p(self.tvalues.to_numpy(), self.df_terms.to_numpy()),
+        return self._frame(two_sided_p(self.tvalues.to_numpy(), self.df_terms.to_numpy()),
                            self.exog_names)
 
     def conf_int(self, alpha: float = 0.05, df_method: str | None = None) -> pd.DataFrame:
@@ -359,7 +364,7 @@ class MultiGeneMixedLMResults:
         """
         df = (self.df_terms.to_numpy() if df_method is None
               else self.contrast_df(np.eye(self.k_fe), df_method))
-        crit = _t_quantile(1 - alpha / 2, df)
+        crit = t_quantile(1 - alpha / 2, df)
         b, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
         G, p = b.shape
         return pd.DataFrame({
@@ -474,8 +479,6 @@ class MultiGeneMixedLMResults:
         """
         out = self._split_effects(self._gls.condvar_unscaled * self._fit.scale[:, None])
         if any(c.cov_factor is not None for c in self.stats.components):
-            from ._kinship import condvar_levels
-
             ratios = np.where(self._usable[:, None], self._fit.ratios, 0.0)
             for i, cv in condvar_levels(self.stats, ratios, self._usable).items():
                 comp = self.stats.components[i]
@@ -542,16 +545,3 @@ def _jacobian_to_variances(ratios: np.ndarray, scale: np.ndarray) -> np.ndarray:
     J[:, :k, k] = ratios
     J[:, k, k] = 1.0
     return J
-
-
-def _t_quantile(prob: float, df: np.ndarray) -> np.ndarray:
-    df = np.asarray(df, dtype=float)
-    with np.errstate(invalid="ignore"):
-        return np.where(np.isinf(df), sps.norm.ppf(prob), sps.t.ppf(prob, np.where(np.isinf(df), 1, df)))
-
-
-def _two_sided_p(t: np.ndarray, df: np.ndarray) -> np.ndarray:
-    df = np.broadcast_to(np.asarray(df, dtype=float), t.shape)
-    with np.errstate(invalid="ignore"):
-        return np.where(np.isinf(df), 2 * sps.norm.sf(np.abs(t)),
-                        2 * sps.t.sf(np.abs(t), np.where(np.isinf(df), 1, df)))

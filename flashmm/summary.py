@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from .results import MultiGeneMixedLMResults
-
 __all__ = ["fit_summary"]
 
 
-def fit_summary(res: MultiGeneMixedLMResults, alpha: float = 0.05, fdr: float = 0.05) -> Any:
+def fit_summary(res: Any, alpha: float = 0.05, fdr: float = 0.05) -> Any:
     """Model information, then per fixed term: genes significant at ``fdr`` and median effect."""
     from statsmodels.iolib import summary2
 

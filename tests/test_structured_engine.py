@@ -146,3 +146,22 @@ def test_a_trial_point_that_breaks_positive_definiteness_is_nan_not_an_error() -
     inv = _spd_inv(np.stack([good, np.zeros((2, 2))]))
     np.testing.assert_allclose(inv[0], np.linalg.inv(good), rtol=1e-12)
     assert np.isnan(inv[1]).all()
+
+
+def test_saved_statistics_and_lr_test(tmp_path) -> None:
+    """Statistics saved to .npz refit to the same numbers; LR test against one component."""
+    from flashmm import SufficientStats
+
+    data, Y = _cells(6)
+    model = _nested_spellings(data, Y)[0]
+    ref = model.fit(reml=False)
+    model.stats.save(tmp_path / "st.npz")
+    back = MultiGeneMixedLM.from_sufficient_stats(SufficientStats.load(tmp_path / "st.npz"))
+    res = back.fit(reml=False)
+    np.testing.assert_array_equal(res.llf, ref.llf)
+    one = MultiGeneMixedLM.from_formula(FORMULA, data, endog=Y, groups="donor").fit(reml=False)
+    lr = ref.compare_lr_test(one)
+    assert (lr["df"] == 1).all()
+    np.testing.assert_allclose(lr["statistic"], np.maximum(2 * (ref.llf - one.llf), 0), rtol=1e-12)
+    # the nested model contains the one-component model: its likelihood is never lower
+    assert (ref.llf >= one.llf - 1e-8).all()

@@ -22,6 +22,8 @@ KNOWN = {
     "dask_memory.json": "``bench_dask_memory.py``: memory per dask worker",
     "atlas.json": "``bench_atlas.py``: ``flashmm fit`` end to end on an atlas-sized backed .h5ad",
     "slopes.json": "``bench_slopes.py``: random slopes against the number of groups",
+    "components.json": "``bench_components.py``: several components against the number of donors",
+    "atlas_components.json": "``bench_atlas_components.py``: several components at the atlas shape",
 }
 
 
@@ -92,7 +94,8 @@ def _add_sections(rep: _Report) -> None:
     """Every known result file: load it and add its section, or a note if it is absent or odd."""
     for name, build in (("stats.json", _stats_report), ("fit.json", _fit_report),
                         ("dask_memory.json", _dask_report), ("atlas.json", _atlas_report),
-                        ("slopes.json", _slopes_report)):
+                        ("slopes.json", _slopes_report), ("components.json", _components_report),
+                        ("atlas_components.json", _atlas_components_report)):
         data, note = _load(name)
         if note:
             rep.notes.append(note)
@@ -299,6 +302,50 @@ def _slopes_report(d: dict[str, Any], rep: _Report) -> None:
             _fig("slopes_groups.png", figdir), "\n"]
 
 
+def _components_report(d: dict[str, Any], rep: _Report) -> None:
+    """``bench_components.py``: cost per gene of nested and crossed models against donors."""
+    rows, text = [], []
+    fig, ax = rep.plt.subplots(figsize=(6.4, 4))
+    for kind, res in d["designs"].items():
+        for r in res["rows"]:
+            rows.append([kind, r["donors"], r["q"], f"{r['groups']} x {r['block_size']}",
+                         r["global"], f"{r['ms_per_gene']:.3g}", f"{r['median_iterations']:g}"])
+        ax.plot([r["donors"] for r in res["rows"]], [r["ms_per_gene"] for r in res["rows"]], "o-",
+                label=f"{kind} (slope {res['loglog_slope']:.2f})")
+        text.append(f"{kind} {res['loglog_slope']:.2f}")
+    _finish_loglog(fig, ax, "donors", "ms per gene (fit + Satterthwaite df, one thread)",
+                   "Several components: cost per gene against the number of donors",
+                   rep.figdir / "components_donors.png")
+    table = _table(
+        f"Variance components, {d['genes']} genes, {d['celltypes']} cell types x "
+        f"{d['cells_per_donor_and_celltype']} cells per donor, one thread, medians of "
+        f"{d['repeats']} runs",
+        ["design", "donors", "q", "group blocks x slots", "global block", "ms/gene",
+         "Newton iterations (median)"], rows)
+    Path(rep.figdir.parent, "structure_scaling.rst").write_text(
+        f"{_fig('components_donors.png', rep.figdir)}\n"
+        f"Log-log slope of the cost per gene against the donors: {', '.join(text)}.\n")
+    rep.text += ["Several variance components\n---------------------------\n", table,
+                 f"\nLog-log slope of the cost per gene against the donors: {', '.join(text)}. "
+                 f"Machine: {_machine(d)}.\n\n", _fig("components_donors.png", rep.figdir), "\n"]
+
+
+def _atlas_components_report(d: dict[str, Any], rep: _Report) -> None:
+    """``bench_atlas_components.py``: every model at the atlas shape, one session."""
+    rows = []
+    for name, r in d["runs"].items():
+        rows.append([name, " ".join(r["flags"]), f"{r['seconds']:.0f}", f"{r['cpu_seconds']:.0f}",
+                     f"{r['peak_rss_gb']:.2f}", f"{r.get('ratio_to_one', float('nan')):.2f}",
+                     r.get("target_ratio", "")])
+    table = _table(f"``flashmm fit`` on the backed atlas file ({d['cells']:,} cells x "
+                   f"{d['genes']:,} genes), one session",
+                   ["model", "random effects", "wall (s)", "CPU (s)", "peak RSS (GB)",
+                    "x one component", "target"], rows)
+    rep.text += ["Several components at the atlas shape\n"
+                 "-------------------------------------\n", table,
+                 f"\nMachine: {_machine(d)}.\n\n"]
+
+
 def main(out: Path) -> None:  # noqa: C901 - one linear report
     import matplotlib
 
@@ -307,6 +354,9 @@ def main(out: Path) -> None:  # noqa: C901 - one linear report
 
     figdir = Path(out) / "performance"
     figdir.mkdir(parents=True, exist_ok=True)
+    Path(out, "structure_scaling.rst").write_text(   # replaced by _components_report
+        "``benchmarks/results/components.json`` is not present (run "
+        "``benchmarks/bench_components.py`` to add the plot).\n")
     rep = _Report(figdir, plt)
     _add_sections(rep)
     notes, text = rep.notes, rep.text
