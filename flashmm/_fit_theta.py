@@ -1,4 +1,8 @@
-"""Correlated random effects (random slopes): lme4's relative covariance factor.
+"""The structured criterion: lme4's relative covariance factor, block by block.
+
+Used for random slopes and for several variance components (then ``T`` is
+empty and ``Lambda`` is diagonal); the block layout comes from
+:mod:`flashmm._structure`.
 
 The random effects of one gene are ``u ~ N(0, s Lambda Lambda')`` with a
 block-diagonal relative covariance factor
@@ -179,13 +183,6 @@ def _spd_inv(M: np.ndarray) -> np.ndarray:
         return _sym((V * inv[..., None, :]) @ np.swapaxes(V, -1, -2))
 
 
-def _arrowhead_parts(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``c``, ``w = b / c`` and ``h = a - b'w`` of arrowhead blocks ``[[a, b'], [b, diag(c)]]``."""
-    c = np.diagonal(M, axis1=-2, axis2=-1)[..., 1:]
-    w = M[..., 1:, 0] / c
-    return c, w, M[..., 0, 0] - np.sum(M[..., 1:, 0] * w, axis=-1)
-
-
 def _arrowhead_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverse and log-determinant of arrowhead SPD blocks (..., s, s) in O(s^2).
 
@@ -195,7 +192,9 @@ def _arrowhead_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     and ``log|M| = log h + sum log c`` (MATH.md, nested arrowhead identity).
     """
     s = M.shape[-1]
-    c, w, h = _arrowhead_parts(M)
+    c = np.diagonal(M, axis1=-2, axis2=-1)[..., 1:]
+    w = M[..., 1:, 0] / c
+    h = M[..., 0, 0] - np.sum(M[..., 1:, 0] * w, axis=-1)
     out = np.empty(M.shape)
     out[..., 0, 0] = 1.0 / h
     out[..., 0, 1:] = out[..., 1:, 0] = -w / h[..., None]

@@ -1,12 +1,11 @@
-"""Correlated random intercepts and slopes per group (statsmodels' ``exog_re``).
+"""Fit and results of the structured engine: random slopes and several variance components.
 
-Design side: :func:`random_slopes_block` turns ``exog_re`` (n x r) and the
-group labels into ``m * r`` columns of ``Z`` (r consecutive columns per group,
-so that ``ZZ`` has r x r diagonal blocks in this part).  Fit side:
-:func:`fit_random_slopes` runs the batched optimiser of :mod:`flashmm._fit_theta`
-and returns :class:`RandomSlopesResults`, a :class:`MultiGeneMixedLMResults`
-whose covariance parameters are the unstructured (or diagonal) r x r ``Psi``
-plus any variance components, named as in statsmodels.
+:func:`fit_structured` analyses the block layout (:mod:`flashmm._structure`), runs
+the batched optimiser of :mod:`flashmm._fit_theta` and returns
+:class:`RandomSlopesResults`, a :class:`MultiGeneMixedLMResults` whose
+covariance parameters are an unstructured (or diagonal) r x r ``Psi`` when
+there are random slopes, plus the variance components, named as in
+statsmodels.  The design of ``exog_re`` is in :mod:`flashmm._exog_re`.
 """
 
 from __future__ import annotations
@@ -594,8 +593,3 @@ class RandomSlopesGeneResults(GeneResults):
         sdf[p:, 0] = cov
         smry.add_df(coefficient_table(sdf, names, bool(normal), alpha), align="r")
         return smry
-
-
-def slopes_info(stats: Any) -> dict[str, Any] | None:
-    """The random-slopes description of a model's statistics, if any."""
-    return stats.info.get(SLOPES_KEY)

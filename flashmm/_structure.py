@@ -311,6 +311,7 @@ def analyse_structure(components: tuple[RandomComponent, ...], ZZ: np.ndarray | 
     q = int(sum(sizes))
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     r = int(re_dim)
+    nonzero = None if ZZ is None else np.nonzero(ZZ)   # one scan of Z'Z, shared below
     if r:
         pairs = [(a, b) for b in range(r) for a in range(b, r) if (a == b or not independent)]
         vc = list(range(1, len(components)))
@@ -319,12 +320,12 @@ def analyse_structure(components: tuple[RandomComponent, ...], ZZ: np.ndarray | 
         owner[:sizes[0]] = np.arange(sizes[0]) // r
         factor = np.arange(sizes[0])
         labels = list((components[0].groups or ())[::r])
-        _assign_rest(owner, components, offsets, labels, ZZ, skip=(0,))
+        _assign_rest(owner, components, offsets, labels, nonzero, skip=(0,))
     else:
         pairs, vc = [], list(range(len(components)))
-        owner, m, factor = _owner_without_slopes(components, offsets, ZZ)
-    if ZZ is not None:
-        _move_crossing_to_global(owner, ZZ, fixed=np.arange(sizes[0] if r else 0))
+        owner, m, factor = _owner_without_slopes(components, offsets, ZZ, nonzero)
+    if nonzero is not None:
+        _move_crossing_to_global(owner, nonzero, fixed=np.arange(sizes[0] if r else 0))
     lower = np.array([0.0 if a == b else -np.inf for a, b in pairs] + [0.0] * len(vc))
     theta_of = np.full(q, -1, dtype=int)
     for j, ci in enumerate(vc):
@@ -333,7 +334,8 @@ def analyse_structure(components: tuple[RandomComponent, ...], ZZ: np.ndarray | 
 
 
 def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.ndarray,
-                          ZZ: np.ndarray | None) -> tuple[np.ndarray, int, np.ndarray]:
+                          ZZ: np.ndarray | None, pairs: tuple[np.ndarray, np.ndarray] | None
+                          ) -> tuple[np.ndarray, int, np.ndarray]:
     """Group of every column (-1: global), the number of groups and the blocking columns.
 
     The blocking columns (one per group, the factor's own) go first in their
@@ -347,7 +349,7 @@ def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.n
         owner = np.full(q, -1, dtype=int)
         _assign_rest(owner, components, offsets, levels, None, skip=())
         return owner, len(levels), none
-    if ZZ is None:
+    if ZZ is None or pairs is None:
         return np.full(q, -1, dtype=int), 0, none
     best: tuple[int, int, int] | None = None
     best_owner = np.full(q, -1, dtype=int)
@@ -358,7 +360,7 @@ def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.n
             continue                        # not an indicator factor: no group blocks
         owner = np.full(q, -1, dtype=int)
         owner[cols] = np.arange(comp.size)
-        _assign_by_pattern(owner, np.setdiff1d(np.arange(q), cols), cols[:, None], ZZ)
+        _assign_by_pattern(owner, np.setdiff1d(np.arange(q), cols), cols[:, None], pairs)
         key = (int(np.sum(owner < 0)), -comp.size, ci)
         if best is None or key < best:
             best, best_owner = key, owner
@@ -368,7 +370,8 @@ def _owner_without_slopes(components: tuple[RandomComponent, ...], offsets: np.n
 
 
 def _assign_rest(owner: np.ndarray, components: tuple[RandomComponent, ...], offsets: np.ndarray,
-                 levels: list[str], ZZ: np.ndarray | None, skip: tuple[int, ...]) -> None:
+                 levels: list[str], pairs: tuple[np.ndarray, np.ndarray] | None,
+                 skip: tuple[int, ...]) -> None:
     """Assign the columns of the components not in ``skip`` to the groups ``levels``.
 
     Labelled nested components use their labels; the others (or all, when
@@ -385,23 +388,23 @@ def _assign_rest(owner: np.ndarray, components: tuple[RandomComponent, ...], off
             owner[cols] = [index[g] for g in comp.groups]
         else:
             unlabelled.append(cols)
-    if unlabelled and ZZ is not None and levels:
+    if unlabelled and pairs is not None and levels:
         base = np.flatnonzero(owner >= 0)
         groups = np.full((len(levels), np.bincount(owner[base]).max()), -1, dtype=int)
         fill = np.zeros(len(levels), dtype=int)
         for c in base:
             groups[owner[c], fill[owner[c]]] = c
             fill[owner[c]] += 1
-        _assign_by_pattern(owner, np.concatenate(unlabelled), groups, ZZ)
+        _assign_by_pattern(owner, np.concatenate(unlabelled), groups, pairs)
 
 
 def _assign_by_pattern(owner: np.ndarray, cols: np.ndarray, group_cols: np.ndarray,
-                       ZZ: np.ndarray) -> None:
+                       pairs: tuple[np.ndarray, np.ndarray]) -> None:
     """Give each column of ``cols`` the one group whose columns it shares cells with.
 
     ``group_cols`` (m, w) lists every group's columns (-1 padding).  A column
     touching no group or several stays global (-1).  Works on the non-zero
-    pairs of ``Z'Z`` (memory of the order of its non-zeros, not q^2).
+    ``pairs`` (rows, columns) of ``Z'Z``: memory of the order of its non-zeros.
     """
     if cols.size == 0 or group_cols.size == 0:
         return
@@ -410,7 +413,7 @@ def _assign_by_pattern(owner: np.ndarray, cols: np.ndarray, group_cols: np.ndarr
     group_of[group_cols[valid]] = np.nonzero(valid)[0]
     is_col = np.zeros(owner.size, dtype=bool)
     is_col[cols] = True
-    rows, other = _nonzero_pairs(ZZ)
+    rows, other = pairs
     sel = is_col[rows] & (group_of[other] >= 0)
     rows, grp = rows[sel], group_of[other[sel]]
     lo = np.full(owner.size, np.iinfo(np.int64).max)
@@ -421,19 +424,15 @@ def _assign_by_pattern(owner: np.ndarray, cols: np.ndarray, group_cols: np.ndarr
     owner[single] = hi[single]
 
 
-def _nonzero_pairs(ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of every non-zero of ``Z'Z``."""
-    return np.nonzero(ZZ)
-
-
-def _move_crossing_to_global(owner: np.ndarray, ZZ: np.ndarray, fixed: np.ndarray) -> None:
+def _move_crossing_to_global(owner: np.ndarray, pairs: tuple[np.ndarray, np.ndarray],
+                             fixed: np.ndarray) -> None:
     """Move columns with cross products outside their group block to the global block.
 
     ``fixed`` columns (the random slopes, which define the groups) are never moved.
     """
     keep = np.zeros(owner.size, dtype=bool)
     keep[fixed] = True
-    rows, cols = _nonzero_pairs(ZZ)
+    rows, cols = pairs
     while True:
         clash = (owner[rows] >= 0) & (owner[cols] >= 0) & (owner[rows] != owner[cols])
         bad = np.unique(rows[clash])
