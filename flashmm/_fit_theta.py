@@ -767,16 +767,27 @@ def varpar_information(crit: ThetaCriterion, theta: np.ndarray, sigma: np.ndarra
     (lmerTest uses the same Hessian, by finite differences of the deviance.)
     """
     G, t = theta.shape
+    s2 = sigma * sigma
+    if hasattr(crit, "theta_derivatives"):          # exact Hessians (block variance components)
+        S, dS, _, d2S, d2L = crit.theta_derivatives(theta)
+        return _deviance_hessian(crit, d2L + d2S / s2[:, None, None], S, dS, sigma)
     h = 1e-5 * np.maximum(1.0, np.abs(theta))
     S, _, dS, _ = crit.parts(theta)
     Hth = np.empty((G, t, t))
-    s2 = sigma * sigma
     for j in range(t):
         e = np.zeros_like(theta)
         e[:, j] = h[:, j]
         _, _, dSp, dlp = crit.parts(theta + e)
         _, _, dSm, dlm = crit.parts(theta - e)
         Hth[:, :, j] = (dlp - dlm + (dSp - dSm) / s2[:, None]) / (2.0 * h[:, j, None])
+    return _deviance_hessian(crit, Hth, S, dS, sigma)
+
+
+def _deviance_hessian(crit: ThetaCriterion, Hth: np.ndarray, S: np.ndarray, dS: np.ndarray,
+                      sigma: np.ndarray) -> np.ndarray:
+    """The (theta, sigma) Hessian from its theta block and the analytic sigma entries."""
+    G, t = dS.shape
+    s2 = sigma * sigma
     H = np.empty((G, t + 1, t + 1))
     H[:, :t, :t] = _sym(Hth)
     H[:, :t, t] = H[:, t, :t] = -2.0 * dS / (s2 * sigma)[:, None]

@@ -38,6 +38,7 @@ from ._fit_theta import (
     varpar_covariance,
     varpar_information,
 )
+from ._fit_vc import specialise
 from ._memory import MemoryBudget
 from ._reduce import residual_ss
 from ._structure import analyse_structure, check_identifiable
@@ -111,7 +112,8 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
     ok = np.flatnonzero(status == STATUS_OK)
     G, t = stats.n_genes, st.n_theta
     workers = max(1, n_jobs or os.cpu_count() or 1)
-    crit = ThetaCriterion.from_stats(stats, st, reml, c, MemoryBudget.of(max_memory), workers)
+    crit = specialise(ThetaCriterion.from_stats(stats, st, reml, c, MemoryBudget.of(max_memory),
+                                                workers))
     m = crit.m
     theta = np.full((G, t), np.nan)
     converged = np.zeros(G, dtype=bool)
