@@ -45,7 +45,7 @@ from ._fit_theta import (
     working_set_floats,
 )
 
-__all__ = ["VCBlockCriterion", "specialise"]
+__all__ = ["VCBlockCriterion"]
 
 
 @dataclass
@@ -247,15 +247,3 @@ def _to_theta(theta: np.ndarray, dg: np.ndarray, d2g: np.ndarray
     idx = np.arange(theta.shape[1])
     hess[:, idx, idx] += 2.0 * dg
     return grad, hess
-
-
-def specialise(crit: ThetaCriterion) -> ThetaCriterion:
-    """The fastest criterion for ``crit``'s structure: :class:`VCBlockCriterion` when it applies.
-
-    It applies to variance components only (no random slopes) without a
-    global block (no crossed factor).
-    """
-    st = crit.st
-    if st.re_dim == 0 and st.glob_cols.size == 0 and st.n_theta > 0:
-        return VCBlockCriterion.of(crit)
-    return crit

@@ -26,6 +26,7 @@ from ._engine import (
     _warn_degenerate,
     _warn_not_converged,
 )
+from ._fit_arrowhead import specialise
 from ._fit_theta import (
     ThetaCriterion,
     ThetaGLS,
@@ -38,7 +39,6 @@ from ._fit_theta import (
     varpar_covariance,
     varpar_information,
 )
-from ._fit_vc import specialise
 from ._memory import MemoryBudget
 from ._reduce import residual_ss
 from ._structure import analyse_structure, check_identifiable

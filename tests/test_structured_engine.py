@@ -180,8 +180,9 @@ def test_block_criterion_derivatives_match_the_general_criterion(reml: bool,
     nested component crosses the first within donors (batch within donor),
     so the blocks are full.
     """
+    from flashmm._fit_arrowhead import ArrowheadCriterion, specialise
     from flashmm._fit_theta import ThetaCriterion
-    from flashmm._fit_vc import VCBlockCriterion, specialise
+    from flashmm._fit_vc import VCBlockCriterion
     from flashmm._structure import analyse_structure
 
     data, Y = _cells(seed=3)
@@ -194,6 +195,7 @@ def test_block_criterion_derivatives_match_the_general_criterion(reml: bool,
     block = specialise(general)
     assert isinstance(block, VCBlockCriterion)
     assert block.zz.arrowhead == arrowhead
+    assert isinstance(block, ArrowheadCriterion) == arrowhead
     theta = np.random.default_rng(1).uniform(0.2, 1.5, (Y.shape[1], st.n_theta))
     theta[0, -1] = 0.0                                      # a component on its boundary
     f0, g0 = general.gradient(theta)
@@ -208,3 +210,44 @@ def test_block_criterion_derivatives_match_the_general_criterion(reml: bool,
         Hfd[:, :, j] = (general.gradient(theta + e)[1] - general.gradient(theta - e)[1]) / (2 * h)
     scale = np.abs(H).max(axis=(1, 2), keepdims=True)
     assert np.max(np.abs(H - Hfd) / scale) < 1e-7
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_arrowhead_closed_form_matches_the_dense_blocks(reml: bool) -> None:
+    """The closed-form arrowhead algebra against the same formulas on dense s x s blocks.
+
+    Both are exact, so they agree to round-off (observed 4e-15 relative; 1e-10
+    leaves room for the cancellation in ``S`` and the REML terms).  The design is
+    unbalanced: donors without some cell types (empty slots), one donor with a
+    single cell type, a cell-level covariate, and genes with a component at 0.
+    """
+    from flashmm._fit_arrowhead import ArrowheadCriterion, specialise
+    from flashmm._fit_theta import ThetaCriterion
+    from flashmm._fit_vc import VCBlockCriterion
+    from flashmm._structure import analyse_structure
+
+    data, Y = _cells(seed=5, donors=9, celltypes=4)
+    keep = ~(((data["donor"] == "d01") & (data["ct"] != "c2"))
+             | ((data["donor"].isin(["d03", "d04"])) & (data["ct"] == "c0")))
+    data, Y = data[keep.to_numpy()].reset_index(drop=True), Y[keep.to_numpy()]
+    model = MultiGeneMixedLM.from_formula(FORMULA + " + x", data, endog=Y, groups="donor",
+                                          re_formula="1", vc_formula={"dct": "0 + C(ct)"})
+    stats = model.stats
+    st = analyse_structure(stats.components, stats.ZZ)
+    general = ThetaCriterion.from_stats(stats, st, reml, np.sqrt(stats.yy / stats.n))
+    closed = specialise(general)
+    assert isinstance(closed, ArrowheadCriterion)
+    assert np.any(st.slot_cols < 0)                          # empty slots are exercised
+    dense = VCBlockCriterion.of(general)
+    theta = np.random.default_rng(2).uniform(0.1, 2.0, (Y.shape[1], st.n_theta))
+    theta[0, 0] = theta[1, 1] = 0.0
+    genes = np.arange(Y.shape[1])
+    for order in (0, 1, 2):
+        ref, got = dense._evaluate(theta, genes, order), closed._evaluate(theta, genes, order)
+        for name in ("S", "logdet", "dS", "dL", "d2S", "d2L"):
+            want = getattr(ref, name)
+            if want is None:
+                continue
+            scale = np.max(np.abs(want))
+            np.testing.assert_allclose(getattr(got, name), want, rtol=0, atol=1e-10 * scale,
+                                       err_msg=f"{name} (order {order})")
