@@ -304,11 +304,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     frame = tests.summary_frame()
     t2 = time.perf_counter()
     print(f"  fitted in {t2 - t1:.1f} s\n")
-    print(res.summary())
-    top = frame.sort_values("pvalue").head(args.top)
-    with pd.option_context("display.width", 120, "display.max_columns", 20):
-        print(f"\nTop {args.top} genes for the cell-type-specific treatment effects (cls:trt):")
-        print(top.drop(columns=["converged"]).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print(res.summary(fdr=args.fdr, terms=terms))
+    print(f"\nTop {args.top} genes for the cell-type-specific treatment effects (cls:trt):")
+    print(tests.summary(top=args.top, fdr=args.fdr))
     recall, fdp, n_true, n_found = truth_metrics(adata, frame, args.fdr)
     print(f"\nAgainst the simulated truth at FDR {args.fdr:g}: {n_found} discoveries, "
           f"recall {recall:.3f} ({round(recall * n_true)}/{n_true} DE gene x cell type pairs), "

@@ -119,11 +119,17 @@ def _bh(p: np.ndarray) -> np.ndarray:
 class MultiGeneContrastResults:
     """Contrast estimates and t-tests for every gene (genes x contrasts tables).
 
+    Tidy tables: :meth:`summary_frame` (with confidence intervals),
+    :meth:`conf_int` and :meth:`to_pertpy` (pertpy's column names); a printable
+    overview with the top genes: :meth:`summary`.
+
     Attributes
     ----------
     effect, sd, tvalue, pvalue, df_denom : DataFrame
         Estimate ``L b - q``, its standard error, t statistic, p-value and
         denominator degrees of freedom.
+    padj : DataFrame
+        Benjamini-Hochberg adjusted p-values within each contrast.
     """
 
     def __init__(self, gene_names: pd.Index, names: list[str], L: np.ndarray, q: np.ndarray,
@@ -182,9 +188,8 @@ class MultiGeneContrastResults:
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
         """Tidy confidence intervals: gene, contrast, lower, upper."""
-        crit = t_quantile(1 - alpha / 2, self.df_denom.to_numpy())
-        e, s = self.effect.to_numpy(), self.sd.to_numpy()
-        return self._tidy({"lower": e - crit * s, "upper": e + crit * s})
+        low, high = self._interval(alpha)
+        return self._tidy({"lower": low, "upper": high})
 
     def _tidy(self, columns: dict[str, np.ndarray]) -> pd.DataFrame:
         G, r = self.effect.shape
@@ -193,20 +198,91 @@ class MultiGeneContrastResults:
         data.update({k: np.asarray(v).ravel() for k, v in columns.items()})
         return pd.DataFrame(data)
 
-    def summary_frame(self) -> pd.DataFrame:
+    def _interval(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """Two-sided ``1 - alpha`` interval ends at the test's df (genes x contrasts)."""
+        crit = t_quantile(1 - alpha / 2, self.df_denom.to_numpy())
+        e, s = self.effect.to_numpy(), self.sd.to_numpy()
+        return e - crit * s, e + crit * s
+
+    def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """One tidy row per gene and contrast.
 
-        Columns: ``gene, contrast, effect, se, t, df, pvalue, padj, converged``.
-        ``padj`` is Benjamini-Hochberg within each contrast; genes that could
-        not be fitted are NaN and left out of the adjustment.
+        Parameters
+        ----------
+        alpha : float
+            The intervals ``ci_low, ci_high`` are two-sided at level
+            ``1 - alpha``, with the same t df as the p-value (the normal where
+            ``df`` is inf), as :meth:`conf_int`.
+
+        Returns
+        -------
+        DataFrame
+            Columns ``gene, contrast, effect, se, t, df, pvalue, padj, ci_low,
+            ci_high, converged``. ``padj`` is Benjamini-Hochberg within each
+            contrast; genes that could not be fitted are NaN and left out of the
+            adjustment.
         """
         r = self.effect.shape[1]
+        low, high = self._interval(alpha)
         return self._tidy({
             "effect": self.effect.to_numpy(), "se": self.sd.to_numpy(),
             "t": self.tvalue.to_numpy(), "df": self.df_denom.to_numpy(),
             "pvalue": self.pvalue.to_numpy(), "padj": self.padj.to_numpy(),
+            "ci_low": low, "ci_high": high,
             "converged": np.repeat(self._converged[:, None], r, axis=1),
         })
+
+    def summary(self, top: int | None = 10, alpha: float = 0.05, fdr: float = 0.05) -> Any:
+        """A statsmodels ``Summary`` of the tests: counts per contrast, then the top genes.
+
+        Parameters
+        ----------
+        top : int or None
+            Rows of the gene table: the ``top`` (gene, contrast) pairs with the
+            smallest ``padj`` (Benjamini-Hochberg within each contrast), ties
+            by p-value. None lists every gene and contrast.
+        alpha : float
+            Level of the intervals of the gene table (``1 - alpha``, two-sided).
+        fdr : float
+            FDR level of the counts per contrast (``Genes FDR<fdr``, ``up``,
+            ``down``).
+
+        Returns
+        -------
+        statsmodels.iolib.summary2.Summary
+            Print it, or use ``as_text()``, ``as_html()``, ``as_latex()``; the
+            tables are in ``.tables`` (strings).
+        """
+        from .summary import contrast_summary
+
+        return contrast_summary(self, top=top, alpha=alpha, fdr=fdr)
+
+    def to_pertpy(self) -> pd.DataFrame:
+        """The tests as pertpy's differential-expression tables (``test_contrasts``).
+
+        Columns, with pertpy's names: ``variable`` (gene), ``p_value``,
+        ``t_value``, ``sd`` (standard error), ``log_fc`` (the contrast
+        estimate, on the scale of the fitted values: a log2 fold change for
+        ``log2(1 + x)`` data), ``adj_p_value`` (Benjamini-Hochberg within each
+        contrast) and ``contrast``; then ``df``. One row per gene and contrast,
+        contrasts in their order and genes by ``p_value`` within each, as
+        pertpy's ``test_contrasts`` returns them, so that pertpy's plots
+        (``plot_volcano``: ``log_fc``, ``adj_p_value``, ``variable``) accept it.
+
+        Returns
+        -------
+        DataFrame
+        """
+        frame = self.summary_frame()
+        table = pd.DataFrame({
+            "variable": frame["gene"], "p_value": frame["pvalue"], "t_value": frame["t"],
+            "sd": frame["se"], "log_fc": frame["effect"], "adj_p_value": frame["padj"],
+            "contrast": frame["contrast"], "df": frame["df"],
+        })
+        G, r = self.effect.shape
+        table = table.assign(_order=np.tile(np.arange(r), G))        # contrast position
+        table = table.sort_values(["_order", "p_value"], kind="stable").drop(columns="_order")
+        return table.reset_index(drop=True)
 
     def __repr__(self) -> str:
         return (f"<MultiGeneContrastResults: {self.effect.shape[0]} genes x "

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .contrasts import MultiGeneContrastResults
+
 __all__ = ["GeneResults"]
 
 
@@ -19,6 +21,14 @@ class GeneResults:
     (the group intercept variance, when there is one), ``vcomp`` (the other
     components), ``scale``, ``llf``, ``converged``, ``random_effects`` (dict
     group -> Series) and ``random_effects_cov``.
+
+    Inference comes from the multi-gene results, so it equals the gene's row
+    there, with the same ``df_method`` choices: :meth:`t_test` and
+    :meth:`wald_test` (statsmodels ``ContrastResults``), :meth:`conf_int`, the
+    df of the coefficients (:attr:`df_terms`, :attr:`df_satterthwaite`,
+    :attr:`df_resid`) and :meth:`summary`. Each call computes the test for
+    every gene at once (milliseconds for thousands of genes); to test many
+    genes, call the multi-gene method once.
     """
 
     def __init__(self, parent: Any, pos: int) -> None:
@@ -88,6 +98,85 @@ class GeneResults:
         """Covariance of the fixed effects."""
         names = self._parent.exog_names
         return pd.DataFrame(self._parent.cov_params()[self._pos], index=names, columns=names)
+
+    # ------------------------------------------------------------ inference
+    @property
+    def df_terms(self) -> pd.Series:
+        """Denominator df of each coefficient under the fit's ``df_method`` (used by :attr:`pvalues`)."""
+        return self._row(self._parent.df_terms)
+
+    @property
+    def df_satterthwaite(self) -> pd.Series:
+        """Satterthwaite df of each coefficient."""
+        return self._row(self._parent.df_satterthwaite)
+
+    @property
+    def df_resid(self) -> float:
+        """Residual degrees of freedom ``n - p``."""
+        return float(self._parent.df_resid.iloc[self._pos])
+
+    def conf_int(self, alpha: float = 0.05, df_method: str | None = None) -> pd.DataFrame:
+        """Confidence intervals of the fixed effects, as statsmodels' ``conf_int``.
+
+        Parameters
+        ----------
+        alpha : float
+            Two-sided level ``1 - alpha``.
+        df_method : {"satterthwaite", "residual", "normal"}, optional
+            Defaults to the fit's ``df_method``; any method the multi-gene
+            results accept.
+
+        Returns
+        -------
+        DataFrame
+            Terms as index, columns ``0`` (lower) and ``1`` (upper): the gene's
+            rows of the multi-gene ``conf_int``.
+        """
+        tidy = self._parent.conf_int(alpha, df_method=df_method)
+        p = self._parent.k_fe
+        rows = tidy.iloc[self._pos * p:(self._pos + 1) * p]       # one row per gene and term
+        return pd.DataFrame(rows[["lower", "upper"]].to_numpy(), index=self._parent.exog_names,
+                            columns=[0, 1])
+
+    def t_test(self, contrast: Any, alternative: str = "two-sided",
+               df_method: str | None = None) -> Any:
+        """t-tests of linear contrasts of this gene's fixed effects.
+
+        The gene's row of the multi-gene ``t_test`` (same contrast forms, df
+        methods and alternatives), as statsmodels' ``ContrastResults``.
+
+        Parameters
+        ----------
+        contrast : array_like, str, list of str or dict
+            As :meth:`MultiGeneMixedLMResults.t_test`.
+        alternative : {"two-sided", "larger", "smaller"}
+        df_method : {"satterthwaite", "residual", "normal"}, optional
+            Defaults to the fit's ``df_method``.
+
+        Returns
+        -------
+        statsmodels.stats.contrast.ContrastResults
+            ``effect, sd, tvalue, pvalue, df_denom`` (one value per contrast
+            row; a t distribution with per-row df, the normal when
+            ``df_method="normal"``), ``conf_int(alpha)``, ``summary()`` and
+            ``summary_frame()`` with the contrast names.
+        """
+        multi = self._parent.t_test(contrast, alternative=alternative, df_method=df_method)
+        return _contrast_row(multi, self._pos)
+
+    def wald_test(self, hypothesis: Any, df_method: str | None = None) -> Any:
+        """Joint test of several contrast rows for this gene (F, chi-square when normal).
+
+        The gene's row of the multi-gene ``wald_test``, as statsmodels'
+        ``ContrastResults``: ``fvalue``, ``df_num``, ``df_denom`` and ``pvalue``
+        (F with lmerTest's Fai-Cornelius df for Satterthwaite), or ``statistic``
+        with ``distribution="chi2"`` and ``df_denom`` = the number of rows for
+        ``df_method="normal"``, as statsmodels' ``wald_test(use_f=False)``.
+        """
+        row = self._parent.wald_test(hypothesis, df_method=df_method).iloc[self._pos]
+        return _wald_row(row)
+
+    f_test = wald_test
 
     def _group_component(self) -> int | None:
         """Index of the random group-intercept component, if any."""
@@ -188,6 +277,43 @@ class GeneResults:
 
     def __repr__(self) -> str:
         return f"<GeneResults {self.name!r}: {self.method}, converged={self.converged}>"
+
+
+def _contrast_row(multi: MultiGeneContrastResults, pos: int) -> Any:
+    """One gene (row ``pos``) of multi-gene t-tests as statsmodels' ``ContrastResults``.
+
+    The p-values are the multi-gene ones (any ``alternative``); statsmodels'
+    own would be two-sided.
+    """
+    from statsmodels.stats.contrast import ContrastResults
+
+    effect = multi.effect.iloc[pos].to_numpy()
+    sd = multi.sd.iloc[pos].to_numpy()
+    tvalue = multi.tvalue.iloc[pos].to_numpy()
+    df = multi.df_denom.iloc[pos].to_numpy()
+    if np.all(np.isinf(df)):
+        out = ContrastResults(effect=effect, sd=sd, statistic=tvalue, distribution="norm")
+        out.df_denom = df
+    else:
+        out = ContrastResults(t=tvalue, effect=effect, sd=sd, df_denom=df)
+    out.pvalue = np.squeeze(multi.pvalue.iloc[pos].to_numpy())
+    out.c_names = list(multi.contrast_names)
+    out.alternative = multi.alternative
+    return out
+
+
+def _wald_row(row: pd.Series) -> Any:
+    """One gene's row of ``wald_test`` as statsmodels' ``ContrastResults``."""
+    from statsmodels.stats.contrast import ContrastResults
+
+    r = int(row["df_num"])
+    if np.isinf(row["df_denom"]):
+        out = ContrastResults(statistic=float(row["statistic"]), df_denom=r, distribution="chi2",
+                              dist_args=(r,))
+    else:
+        out = ContrastResults(F=float(row["statistic"]), df_num=r, df_denom=float(row["df_denom"]))
+    out.pvalue = float(row["pvalue"])
+    return out
 
 
 def coefficient_table(values: np.ndarray, names: list[str], normal: bool,

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ._errors import FlashmmError
 from ._version import __version__
-from .contrasts import MultiGeneContrastResults
+from .contrasts import MultiGeneContrastResults, t_quantile
 
 if TYPE_CHECKING:
     import anndata
@@ -177,7 +177,8 @@ def _tables(con: MultiGeneContrastResults, columns: list[str]) -> dict[str, pd.D
 
 
 def get_results_df(
-    adata: anndata.AnnData, key: str = "flashmm", contrast: str | list[str] | bool | None = None
+    adata: anndata.AnnData, key: str = "flashmm", contrast: str | list[str] | bool | None = None,
+    alpha: float = 0.05,
 ) -> pd.DataFrame:
     """Tidy table of stored results, like ``results.t_test(...).summary_frame()``.
 
@@ -190,12 +191,16 @@ def get_results_df(
     contrast : str, list of str or True, optional
         None (default): the coefficients. True: all stored contrasts. A name or
         list of names: those contrasts (or, if not contrasts, those terms).
+    alpha : float
+        Level of the intervals ``ci_low, ci_high`` (two-sided ``1 - alpha``,
+        at the stored df, as ``summary_frame(alpha)``).
 
     Returns
     -------
     DataFrame
-        Columns ``gene, contrast, effect, se, t, df, pvalue, padj, converged``,
-        one row per gene and term/contrast, genes in ``var_names`` order.
+        Columns ``gene, contrast, effect, se, t, df, pvalue, padj, ci_low,
+        ci_high, converged``, one row per gene and term/contrast, genes in
+        ``var_names`` order.
     """
     if key not in adata.uns:
         raise KeyError(f"no flashmm results under key {key!r} in adata.uns; run write_results first.")
@@ -227,6 +232,9 @@ def get_results_df(
     data: dict[str, Any] = {"gene": np.repeat(genes, r), "contrast": np.tile(columns, G)}
     for name in _TABLES:
         data[name] = np.asarray(parts[name][columns].to_numpy(dtype=float)).ravel()
+    crit = t_quantile(1 - alpha / 2, data["df"])
+    data["ci_low"] = data["effect"] - crit * data["se"]
+    data["ci_high"] = data["effect"] + crit * data["se"]
     conv_key = f"{key}_converged"
     conv = (np.asarray(adata.var[conv_key], dtype=bool) if conv_key in adata.var
             else np.ones(G, dtype=bool))

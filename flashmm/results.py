@@ -509,20 +509,26 @@ class MultiGeneMixedLMResults:
         return GeneResults(self, pos)
 
     # ---------------------------------------------------------- summaries
-    def summary(self, alpha: float = 0.05, fdr: float = 0.05) -> Any:
-        """A statsmodels ``Summary`` of the whole fit (see :mod:`flashmm.summary`)."""
+    def summary(self, alpha: float = 0.05, fdr: float = 0.05,
+                terms: list[str] | None = None) -> Any:
+        """A statsmodels ``Summary`` of the whole fit (see :func:`flashmm.summary.fit_summary`).
+
+        Per fixed term: genes whose coefficient differs from 0 at ``fdr``
+        (only for ``terms``, the effects of interest, when given), median
+        effect, standard error and df; then the variance components.
+        """
         from .summary import fit_summary
 
-        return fit_summary(self, alpha=alpha, fdr=fdr)
+        return fit_summary(self, alpha=alpha, fdr=fdr, terms=terms)
 
-    def summary_frame(self) -> pd.DataFrame:
+    def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """Tidy table of every coefficient (``contrast`` holds the term name).
 
-        Columns as :meth:`MultiGeneContrastResults.summary_frame`; ``padj`` is
-        Benjamini-Hochberg within each term.
+        Columns as :meth:`MultiGeneContrastResults.summary_frame` (intervals at
+        ``alpha``); ``padj`` is Benjamini-Hochberg within each term.
         """
         terms = pd.DataFrame(np.eye(self.k_fe), index=self.exog_names, columns=self.exog_names)
-        return self.t_test(terms).summary_frame()
+        return self.t_test(terms).summary_frame(alpha=alpha)
 
     def __repr__(self) -> str:
         return (f"<MultiGeneMixedLMResults: {self.n_genes} genes, {self.nobs} cells, "

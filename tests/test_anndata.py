@@ -149,8 +149,10 @@ def test_write_results_round_trip(adata, reference, tmp_path):
     exp = expected.summary_frame()
     assert list(tidy.columns) == list(exp.columns)
     pd.testing.assert_frame_equal(tidy[["gene", "contrast"]], exp[["gene", "contrast"]])
-    np.testing.assert_allclose(tidy[["effect", "se", "t", "df", "pvalue", "padj"]].to_numpy(),
-                               exp[["effect", "se", "t", "df", "pvalue", "padj"]].to_numpy(),
+    cols = ["effect", "se", "t", "df", "pvalue", "padj", "ci_low", "ci_high"]
+    np.testing.assert_allclose(tidy[cols].to_numpy(), exp[cols].to_numpy(), rtol=1e-12)
+    wide = flashmm.get_results_df(back, alpha=0.2)
+    np.testing.assert_allclose(wide["ci_high"], expected.summary_frame(alpha=0.2)["ci_high"],
                                rtol=1e-12)
     con = flashmm.get_results_df(back, contrast=True)
     exp_con = reference.t_test(contrasts).summary_frame()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -184,3 +185,27 @@ def test_demo_small(tmp_path, capsys):
 def test_python_dash_m():
     proc = subprocess.run([sys.executable, "-m", "flashmm", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "demo" in proc.stdout and "fit" in proc.stdout
+
+
+def test_demo_summary_reads_cleanly(tmp_path, capsys):
+    """Counts only for the treatment terms, df without exponents, aligned tables, padj order."""
+    assert main(["demo", "--genes", "150", "--cells", "1500", "--samples", "8", "--celltypes", "3",
+                 "--seed", "2", "--no-plot", "--top", "6"]) == 0
+    out = capsys.readouterr().out
+    blocks = out.split("\n\n")
+    fit_summary = next(b for b in blocks if "Multi-gene Mixed Linear Model Results" in b)
+    rows = {line.split()[0]: line for line in fit_summary.splitlines()
+            if line.startswith(("cls[", "np.log(libsize)"))}
+    means = [name for name in rows if ":trt[" not in name]
+    assert means and all(len(rows[n].split()) == 4 for n in means)      # no count column
+    assert all(len(rows[n].split()) == 5 for n in rows if ":trt[" in n)
+    assert not re.search(r"\de\+", rows["np.log(libsize)"])
+    for block in blocks:
+        lines = block.splitlines()
+        rules = [len(x) for x in lines if x and set(x) == {"="}]
+        if rules:
+            assert max(len(x.rstrip()) for x in lines) <= max(rules), block
+    top = next(b for b in blocks if "Top 6" in b)
+    padj = [float(line.split()[7]) for line in top.splitlines()
+            if re.match(r"^Gene\d+\s+cls\[", line)]
+    assert len(padj) == 6 and padj == sorted(padj)

@@ -46,7 +46,7 @@ def test_contrast_forms_agree(lme4_cells):
         np.testing.assert_allclose(other.pvalue.to_numpy(), by_vec.pvalue.to_numpy(), rtol=1e-12)
     frame = by_vec.summary_frame()
     assert list(frame.columns) == ["gene", "contrast", "effect", "se", "t", "df", "pvalue", "padj",
-                                   "converged"]
+                                   "ci_low", "ci_high", "converged"]
     # one-sided alternatives split the two-sided p-value
     up = res.t_test(vec, alternative="larger").pvalue.to_numpy()
     down = res.t_test(vec, alternative="smaller").pvalue.to_numpy()

@@ -40,7 +40,8 @@ print(res)
 print(res.exog_names)
 
 # %% summary
-print(res.summary())
+treatment = [t for t in res.exog_names if ":trt[" in t]     # the effects of interest
+print(res.summary(terms=treatment))
 
 # %% vcomp
 print(res.vcomp.describe().T)
@@ -59,7 +60,7 @@ contrasts = {
 test = res.t_test(contrasts)
 table = test.summary_frame()
 print(table.columns.tolist())
-print(table.sort_values("pvalue").head(8).to_string(index=False))
+print(test.summary(top=8))
 
 # %% fdr
 hits = table[(table["padj"] < 0.05) & table["contrast"].isin(["C1", "C2", "C3"])]
@@ -131,6 +132,12 @@ print(f"llf: flashmm {ours.llf:.6f}  statsmodels {fit.llf:.6f}")
 
 # %% satterthwaite_gene
 print(res.gene(top).summary())
+
+# %% gene_tests
+one = res.gene(top)
+print(one.df_terms.round(1).to_dict())
+print(one.t_test({"C2": "cls[C2]:trt[T.B]", "C1_vs_C2": contrasts["C1_vs_C2"]}).summary_frame())
+print(one.wald_test(["cls[C1]:trt[T.B]", "cls[C2]:trt[T.B]", "cls[C3]:trt[T.B]"]))
 
 # %% anndata
 import flashmm
