@@ -33,8 +33,9 @@ VC_INTERCEPT = "intercept"     # re_formula="1" alongside vc_formula: a group in
 VC_INDICATOR = "indicator"     # "0 + C(a)" built sparse by _design.indicator_block
 VC_PATSY = "patsy"             # any other formula, built by patsy
 
-#: names every formula may use without being a data column
-_DEFAULT_NAMESPACE = {"np": np, "numpy": np}
+#: names a formula may use besides the data columns and patsy's builtins (those of
+#: the module that evaluates the formulas at the fit, flashmm.model)
+NAMESPACE = {"np": np, "numpy": np, "pd": pd}
 
 
 @dataclass
@@ -66,7 +67,6 @@ class FormulaSpec:
     variables: dict[str, dict[str, Any]]
     column_names: dict[str, list[str]] = field(default_factory=dict)
     infos: dict[str, Any] = field(default_factory=dict, repr=False)
-    namespace: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -101,7 +101,7 @@ class FormulaSpec:
         import patsy
 
         formula = self.formula_of(key).strip().lstrip("~").strip()
-        env = patsy.EvalEnvironment([{**_DEFAULT_NAMESPACE, **self.namespace}])
+        env = patsy.EvalEnvironment([NAMESPACE])
         try:
             info = patsy.dmatrix(formula, self.synthetic_rows(),
                                  NA_action=patsy.NAAction(NA_types=[]), eval_env=env,
@@ -109,8 +109,7 @@ class FormulaSpec:
         except (patsy.PatsyError, NameError) as err:
             raise DesignError(
                 f"cannot rebuild the design of formula {formula!r}: "
-                f"{str(err).splitlines()[0]}. If it uses functions other than numpy's "
-                "(np.*), pass them as load_results(path, namespace={'name': function})."
+                f"{str(err).splitlines()[0]}."
             ) from None
         stored = self.column_names.get(key)
         if stored is not None and list(info.column_names) != stored:
@@ -170,13 +169,12 @@ class FormulaSpec:
                 "column_names": self.column_names}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], namespace: dict[str, Any] | None = None) -> FormulaSpec:
+    def from_json(cls, d: dict[str, Any]) -> FormulaSpec:
         """Spec from :meth:`to_json`; the DesignInfos are rebuilt and checked now."""
         spec = cls(str(d["formula"]), d.get("groups"), d.get("re_formula"),
                    {str(k): (str(v[0]), str(v[1])) for k, v in dict(d.get("vc") or {}).items()},
                    dict(d.get("variables") or {}),
-                   {str(k): list(v) for k, v in dict(d.get("column_names") or {}).items()},
-                   namespace=dict(namespace or {}))
+                   {str(k): list(v) for k, v in dict(d.get("column_names") or {}).items()})
         for key in spec.column_names:
             spec.design_info(key)
         return spec

@@ -152,8 +152,7 @@ def checksum(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
 
 
 # ------------------------------------------------------------------- load
-def load_results(source: Any, key: str = "flashmm",
-                 namespace: dict[str, Any] | None = None) -> MultiGeneMixedLMResults:
+def load_results(source: Any, key: str = "flashmm") -> MultiGeneMixedLMResults:
     """Results saved by ``results.save(path)`` or ``write_results(..., reloadable=True)``.
 
     Parameters
@@ -164,9 +163,6 @@ def load_results(source: Any, key: str = "flashmm",
         :func:`flashmm.write_results` with ``reloadable=True``.
     key : str
         With an AnnData: the ``key_added`` of :func:`~flashmm.write_results`.
-    namespace : dict, optional
-        Functions other than numpy's (``np.*``) that the model's formulas use,
-        by name, to rebuild the designs for predictions.
 
     Returns
     -------
@@ -193,7 +189,7 @@ def load_results(source: Any, key: str = "flashmm",
     else:
         meta, arrays = _read_npz(source)
         where = repr(os.fspath(source))
-    return results_from_arrays(meta, arrays, where, namespace)
+    return results_from_arrays(meta, arrays, where)
 
 
 def _read_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -236,15 +232,15 @@ def _from_anndata(adata: Any, key: str) -> tuple[dict[str, Any], dict[str, np.nd
     return meta, {str(k): np.asarray(v) for k, v in saved.items()}
 
 
-def results_from_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray], where: str,
-                        namespace: dict[str, Any] | None = None) -> MultiGeneMixedLMResults:
+def results_from_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                        where: str) -> MultiGeneMixedLMResults:
     """Results from :func:`results_arrays`' output, after the format and checksum checks."""
     _check_file(meta, arrays, where)
     stats_arrays = {k[len("stats_"):]: v for k, v in arrays.items() if k.startswith("stats_")}
     stats = SufficientStats.from_arrays(meta["stats"], stats_arrays, where)
     model = MultiGeneMixedLM.from_sufficient_stats(stats)
     if meta.get("design") is not None:
-        model.formula_spec = FormulaSpec.from_json(meta["design"], namespace)
+        model.formula_spec = FormulaSpec.from_json(meta["design"])
     fit = {k[len("fit_"):]: v for k, v in arrays.items() if k.startswith("fit_")}
     common = {name: fit[name] for name in _FIT_ARRAYS}
     common["status"] = fit["status"].astype(str)

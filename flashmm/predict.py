@@ -139,7 +139,7 @@ def new_cells(results: MultiGeneMixedLMResults, exog: Any, groups: Any,
     spec = getattr(model, "formula_spec", None)
     known = random_effects == "known"
     want_re = random_effects is not False
-    if spec is not None:
+    if spec is not None and isinstance(exog, pd.DataFrame):
         return _formula_cells(results, spec, exog, groups, want_re, known)
     return _array_cells(results, exog, groups, exog_vc, exog_re, want_re, known)
 
@@ -151,11 +151,6 @@ def _fitting_cells(design: Design, random_effects: bool | str) -> NewCells:
 
 def _formula_cells(results: MultiGeneMixedLMResults, spec: FormulaSpec, data: Any, groups: Any,
                    want_re: bool, known: bool) -> NewCells:
-    if not isinstance(data, pd.DataFrame):
-        raise DesignError(
-            "this model was built from a formula: give exog as a DataFrame of the covariates "
-            f"of the cells to predict (columns {sorted(spec.variables)}), got "
-            f"{type(data).__name__}.")
     X = _formula_matrix(spec, "fixed", data)
     missing = [c for c in results.exog_names if c not in X.columns]
     if missing:
