@@ -338,8 +338,7 @@ def _assemble(comp: RandomComponent, n: int, rows: np.ndarray, keys: list[str],
 def _match_levels(keys: Sequence[str], levels: Sequence[str], name: str,
                   known: bool) -> np.ndarray:
     """Column of every key among ``levels`` (-1 if unknown and ``known``)."""
-    lookup = {lv: j for j, lv in enumerate(levels)}
-    cols = np.fromiter((lookup.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+    cols = pd.Index(list(levels)).get_indexer(list(keys)).astype(np.int64)
     if not known and np.any(cols < 0):
         unknown = list(dict.fromkeys(k for k, c in zip(keys, cols, strict=True) if c < 0))
         raise DesignError(

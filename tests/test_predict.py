@@ -234,6 +234,10 @@ def test_resid_for(study) -> None:
     _close(pop, np.log1p(counts[genes].to_numpy()) - _population(res, data)[:, [4, 0]])
     with pytest.raises(DesignError, match="columns"):
         res.resid_for(genes, counts.to_numpy()[:, :3])
+    anndata = pytest.importorskip("anndata")
+    adata = anndata.AnnData(X=counts.to_numpy(), obs=data.set_axis([f"c{i}" for i in range(len(data))]),
+                            var=pd.DataFrame(index=[str(g) for g in counts.columns]))
+    _close(res.resid_for(genes, adata), expected)
     for name in ("fittedvalues", "resid"):
         with pytest.raises(AttributeError, match="not materialised"):
             getattr(res, name)
