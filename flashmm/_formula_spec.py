@@ -88,6 +88,11 @@ class FormulaSpec:
             self.infos[key] = self._rebuild(key)
         return self.infos[key]
 
+    def patsy_keys(self) -> list[str]:
+        """Keys of the formulas whose columns are built by patsy."""
+        return (["fixed"] + (["re"] if self.re_formula is not None else [])
+                + [f"vc:{name}" for name, (kind, _) in self.vc.items() if kind == VC_PATSY])
+
     def formula_of(self, key: str) -> str:
         """The formula behind a design key."""
         if key == "fixed":
@@ -130,10 +135,7 @@ class FormulaSpec:
     # -------------------------------------------------------- persistence
     def check_saveable(self) -> None:
         """Raise DesignError if a formula uses a stateful transform (its state needs pickle)."""
-        for key in ("fixed", "re") + tuple(f"vc:{n}" for n, (k, _) in self.vc.items()
-                                           if k == VC_PATSY):
-            if key == "re" and self.re_formula is None:
-                continue
+        for key in self.patsy_keys():
             info = self.design_info(key)
             for factor, finfo in info.factor_infos.items():
                 state = getattr(finfo, "state", None) or {}
