@@ -134,7 +134,11 @@ class FormulaSpec:
 
     # -------------------------------------------------------- persistence
     def check_saveable(self) -> None:
-        """Raise DesignError if a formula uses a stateful transform (its state needs pickle)."""
+        """Raise DesignError unless the stored description rebuilds the designs.
+
+        Refused: stateful transforms (their state needs pickle), levels that
+        are not JSON values, and designs whose rebuilt columns differ.
+        """
         for key in self.patsy_keys():
             info = self.design_info(key)
             for factor, finfo in info.factor_infos.items():
@@ -163,6 +167,7 @@ class FormulaSpec:
                     "as JSON. Convert the column to strings and refit, or save with "
                     "design=False."
                 ) from None
+        FormulaSpec.from_json(self.to_json())     # what loading will do: refuse now, not then
 
     def to_json(self) -> dict[str, Any]:
         """JSON description (without the DesignInfo objects)."""
