@@ -93,7 +93,7 @@ rst_epilog = "\n".join(
 PUBLIC_MODULES = [
     "flashmm.model", "flashmm.results", "flashmm.gene", "flashmm.contrasts", "flashmm.stats",
     "flashmm.summary", "flashmm.datasets", "flashmm.io", "flashmm.plot", "flashmm.dask",
-    "flashmm.limma", "flashmm.kinship", "flashmm.cli",
+    "flashmm.limma", "flashmm.kinship", "flashmm.cli", "flashmm.predict",
 ]
 
 

@@ -7,6 +7,7 @@ The data flow, one module per step::
          several components and random slopes: structure (_structure)
          -> criterion (_fit_theta) -> optimiser (_newton)
       -> results (results, gene, contrasts, summary)
+      -> predictions (predict) and results files (_persist)
 """
 
 from ._design import Design, RandomComponent, build_design, build_formula_design
@@ -40,9 +41,10 @@ __all__ = [
 ]
 
 from . import datasets  # noqa: E402
+from ._persist import ResultsFileError, load_results  # noqa: E402
 from .io import get_results_df, write_results  # noqa: E402
 
-__all__ += ["write_results", "get_results_df", "datasets"]
+__all__ += ["write_results", "get_results_df", "datasets", "load_results", "ResultsFileError"]
 
 from .limma import DuplicateCorrelation, LimmaFit, duplicate_correlation, e_bayes, lm_fit  # noqa: E402
 

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from ._components import RandomComponent
 from ._errors import DesignError
 from ._exog_re import random_slopes_block
+from ._formula_spec import VC_INDICATOR, VC_INTERCEPT, VC_PATSY, FormulaSpec
 from ._kinship import apply_group_cov
 
 __all__ = ["RandomComponent", "Design", "build_design", "build_formula_design"]
@@ -50,6 +51,8 @@ class Design:
     components: tuple[RandomComponent, ...]
     group_name: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: formula models: what rebuilds the designs for new cells (see _formula_spec)
+    formula_spec: FormulaSpec | None = None
 
     @property
     def nobs(self) -> int:
@@ -75,6 +78,7 @@ class Design:
             self.components,
             self.group_name,
             dict(self.info),
+            self.formula_spec,
         )
 
 
@@ -411,6 +415,8 @@ def build_formula_design(
             )
         group_name = groups
         groups = data[groups].to_numpy()
+    infos = {"fixed": X.design_info}
+    vc_kinds: dict[str, tuple[str, str]] = {}
     exog_vc: dict[str, Any] = {}
     exog_re = None
     if re_formula is not None:
@@ -418,13 +424,19 @@ def build_formula_design(
             raise DesignError("re_formula needs groups.")
         if re_formula.strip().lstrip("~").strip() != "1":  # random slopes: see _exog_re.py
             exog_re = _patsy_matrix(patsy, re_formula, data, "re_formula")
+            infos["re"] = exog_re.design_info
             exog_re.columns = [str(c).replace("Intercept", group_name or "Group")
                                for c in exog_re.columns]
         else:
             exog_vc[group_name or "Group"] = np.zeros(len(data), dtype=np.int64)
+            vc_kinds[group_name or "Group"] = (VC_INTERCEPT, "1")
     for name, vcf in (vc_formula or {}).items():
-        exog_vc[name] = (indicator_block(vcf, data)
-                         or _patsy_matrix(patsy, vcf, data, f"vc_formula[{name!r}]"))
+        block = indicator_block(vcf, data)
+        if block is None:
+            block = _patsy_matrix(patsy, vcf, data, f"vc_formula[{name!r}]")
+            infos[f"vc:{name}"] = block.design_info
+        vc_kinds[name] = (VC_INDICATOR if isinstance(block, LabelledBlock) else VC_PATSY, vcf)
+        exog_vc[name] = block
     design = build_design(
         X, len(data), groups=groups, exog_vc=exog_vc or None, group_name=group_name,
         exog_re=exog_re, independent_re=independent_re, group_cov=group_cov,
@@ -435,6 +447,8 @@ def build_formula_design(
         vc_formula=dict(vc_formula or {}),
         re_formula=re_formula,
     )
+    design.formula_spec = FormulaSpec.from_fit(
+        formula, data, group_name, re_formula if exog_re is not None else None, vc_kinds, infos)
     return design
 
 

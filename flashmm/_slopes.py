@@ -100,20 +100,14 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
     """
     stats = model.stats
     meta = stats.info.get(SLOPES_KEY)
-    if meta is None:
-        check_identifiable(stats.components, stats.ZZ, stats.ZX, stats.XX)
-        st = analyse_structure(stats.components, stats.ZZ)
-    else:
-        st = analyse_structure(stats.components, stats.ZZ, re_dim=int(meta["dim"]),
-                               independent=bool(meta["independent"]))
+    st = structure_of(stats)
     c = _gene_scale(stats)
     sc = dataclasses.replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, yy=stats.yy / (c * c))
     status = _degenerate_status(sc, residual_ss(sc))
     ok = np.flatnonzero(status == STATUS_OK)
     G, t = stats.n_genes, st.n_theta
     workers = max(1, n_jobs or os.cpu_count() or 1)
-    crit = specialise(ThetaCriterion.from_stats(stats, st, reml, c, MemoryBudget.of(max_memory),
-                                                workers))
+    crit = criterion_of(stats, st, reml, c, max_memory, workers)
     m = crit.m
     theta = np.full((G, t), np.nan)
     converged = np.zeros(G, dtype=bool)
@@ -145,6 +139,24 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
                          method="theta-newton", theta=theta, structure=st, criterion=crit,
                          gene_scale=c)
     return RandomSlopesResults(model, fit, df_method=df_method)
+
+
+def structure_of(stats: Any) -> ThetaStructure:
+    """Block layout of the statistics' ``Z'Z`` (identifiability checked for components)."""
+    meta = stats.info.get(SLOPES_KEY)
+    if meta is None:
+        check_identifiable(stats.components, stats.ZZ, stats.ZX, stats.XX)
+        return analyse_structure(stats.components, stats.ZZ)
+    return analyse_structure(stats.components, stats.ZZ, re_dim=int(meta["dim"]),
+                             independent=bool(meta["independent"]))
+
+
+def criterion_of(stats: Any, st: ThetaStructure, reml: bool, c: np.ndarray,
+                 max_memory: Any = None, workers: int | None = None) -> ThetaCriterion:
+    """The (specialised) criterion of every gene divided by ``c``, as the fit uses it."""
+    workers = max(1, workers or os.cpu_count() or 1)
+    return specialise(ThetaCriterion.from_stats(stats, st, reml, c, MemoryBudget.of(max_memory),
+                                                workers))
 
 
 # ----------------------------------------------------------------- results

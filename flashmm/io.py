@@ -59,6 +59,7 @@ def write_results(
     key_added: str = "flashmm",
     contrasts: Any = None,
     overwrite: bool = False,
+    reloadable: bool = False,
 ) -> None:
     """Store a fit's per-gene results in ``adata`` (in place).
 
@@ -76,6 +77,13 @@ def write_results(
         accepts (e.g. ``{"B_vs_A": "cls[C1]:trt[T.B]"}``).
     overwrite : bool
         Replace results already stored under ``key_added``.
+    reloadable : bool
+        Also store what :func:`flashmm.load_results` needs to rebuild the
+        results object (the sufficient statistics, the fitted covariance
+        parameters and the formula description, as in
+        :meth:`~flashmm.MultiGeneMixedLMResults.save`) in
+        ``uns[key]["reloadable"]``: ``p + q + 1`` numbers per gene plus the
+        shared ``(p + q)^2``.
 
     Notes
     -----
@@ -92,7 +100,9 @@ def write_results(
     * for random slopes, ``varm[f"{key}_cov_re"]``: genes x the lower triangle
       of ``Psi`` (absolute units, statsmodels' names as in ``results.cov_re``);
     * ``uns[key]``: formula, groups, vc_formula, re_formula, method, df_method,
-      transform, flashmm version, term, component, ``cov_re`` and contrast names.
+      transform, flashmm version, term, component, ``cov_re`` and contrast names;
+    * with ``reloadable=True``, ``uns[key]["reloadable"]``: the metadata (JSON
+      string ``"meta"``) and arrays of a results file.
 
     Raises
     ------
@@ -163,6 +173,13 @@ def write_results(
         "cov_re": np.array(cov_re_names, dtype=object),
         "contrasts": np.array(contrast_names, dtype=object),
     }
+    if reloadable:
+        import json
+
+        from ._persist import results_arrays
+
+        meta, arrays = results_arrays(results)
+        adata.uns[key_added]["reloadable"] = {"meta": json.dumps(meta), **arrays}
 
 
 def _tables(con: MultiGeneContrastResults, columns: list[str]) -> dict[str, pd.DataFrame]:

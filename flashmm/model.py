@@ -156,6 +156,8 @@ class MultiGeneMixedLM:
     def _init_from(self, stats: SufficientStats, design: Design | None) -> None:
         self.stats = stats
         self.design = design
+        #: formula models: what builds the designs of new cells (see flashmm.predict)
+        self.formula_spec = None if design is None else design.formula_spec
 
     # ------------------------------------------------------------ builders
     @classmethod

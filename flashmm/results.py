@@ -530,6 +530,76 @@ class MultiGeneMixedLMResults:
         terms = pd.DataFrame(np.eye(self.k_fe), index=self.exog_names, columns=self.exog_names)
         return self.t_test(terms).summary_frame(alpha=alpha)
 
+    # ------------------------------------------ predictions and persistence
+    def predict(self, exog: Any = None, groups: Any = None, random_effects: bool | str = True,
+                *, exog_vc: Any = None, exog_re: Any = None, genes: Any = None) -> pd.DataFrame:
+        """Predicted responses of cells, cells x genes (see :mod:`flashmm.predict`).
+
+        Parameters
+        ----------
+        exog : DataFrame or array_like, optional
+            Covariates of the cells to predict: for ``from_formula`` models a
+            DataFrame with the formulas' columns (and the group column), built
+            through the fit's patsy design; for array-built models the fixed
+            design (cells x terms). None: the fitting cells (while the model's
+            design is in memory).
+        groups : array_like or str, optional
+            Group labels of the new cells (default: the group column of a
+            formula model's data).
+        random_effects : {True, False, "known"}
+            True: add the BLUPs of the cells' groups (an unknown level is an
+            error); False: population level ``X b``; ``"known"``: BLUPs where the
+            level was fitted, population level (random effect 0) elsewhere.
+        exog_vc, exog_re : optional
+            Array-built models: the new cells' variance-component blocks and
+            random-slope covariates, as given to :class:`MultiGeneMixedLM`.
+        genes : sequence of str or int, optional
+            Genes to predict (default all; memory is cells x genes requested).
+
+        Returns
+        -------
+        DataFrame
+            Cells (the index of ``exog`` if a DataFrame) x genes.
+        """
+        from .predict import predict
+
+        return predict(self, exog, groups, random_effects, exog_vc=exog_vc, exog_re=exog_re,
+                       genes=genes)
+
+    def resid_for(self, genes: Any, endog: Any, exog: Any = None, groups: Any = None,
+                  random_effects: bool | str = True, **kwargs: Any) -> pd.DataFrame:
+        """Residuals ``y - fitted`` of a few genes (statsmodels' ``resid``: with the BLUPs).
+
+        ``endog`` is the cells x genes expression (a DataFrame with the genes'
+        columns, an array of all the fit's genes or of just ``genes``, or an
+        AnnData), before the fit's transform, which is applied here.  The other
+        arguments are those of :meth:`predict` (plus ``transform=`` to give a
+        callable transform or ``False`` for transformed responses).
+        """
+        from .predict import resid_for
+
+        return resid_for(self, genes, endog, exog, groups, random_effects, **kwargs)
+
+    @property
+    def fittedvalues(self) -> pd.DataFrame:
+        """Not materialised: cells x genes; use :meth:`predict` (``genes=`` for a subset)."""
+        raise AttributeError("fittedvalues is not materialised (cells x genes: 160 GB for an "
+                             "atlas of 10^6 cells and 2 x 10^4 genes); use "
+                             "results.predict(genes=[...]).")
+
+    @property
+    def resid(self) -> pd.DataFrame:
+        """Not materialised: cells x genes; use :meth:`resid_for` for a few genes."""
+        raise AttributeError("resid is not materialised (cells x genes: 160 GB for an atlas of "
+                             "10^6 cells and 2 x 10^4 genes); use "
+                             "results.resid_for(genes, endog).")
+
+    def save(self, path: Any, design: bool = True) -> None:
+        """Write the results to one ``.npz`` file (no pickle); see :func:`flashmm.load_results`."""
+        from ._persist import save_results
+
+        save_results(self, path, design=design)
+
     def __repr__(self) -> str:
         return (f"<MultiGeneMixedLMResults: {self.n_genes} genes, {self.nobs} cells, "
                 f"{self.method}, {int(self.converged.sum())} converged>")

@@ -247,8 +247,8 @@ class SufficientStats:
         return np.array([lookup[g] for g in arr], dtype=np.int64)
 
     # ----------------------------------------------------------------- I/O
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the statistics to an ``.npz`` file (no pickled objects)."""
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """JSON metadata and named arrays that :meth:`from_arrays` turns back into these statistics."""
         meta = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -260,15 +260,16 @@ class SufficientStats:
             "info": _jsonable(self.info),
         }
         arrays = {k: getattr(self, k) for k in _SHARED + _PER_GENE}
+        arrays["gene_names"] = np.array(self.gene_names, dtype=str)
         # known covariance factors (group_cov): optional array L_<component position>
         arrays.update({f"L_{i}": c.cov_factor for i, c in enumerate(self.components)
                        if c.cov_factor is not None})
-        np.savez(
-            path,
-            meta=np.array(json.dumps(meta)),
-            gene_names=np.array(self.gene_names, dtype=str),
-            **arrays,
-        )
+        return meta, arrays
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics to an ``.npz`` file (no pickled objects)."""
+        meta, arrays = self.to_arrays()
+        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SufficientStats:
@@ -292,9 +293,15 @@ class SufficientStats:
                 f"{meta.get('version')} (by flashmm {meta.get('flashmm_version')}); this "
                 f"flashmm reads version {FILE_VERSION}. Recompute the statistics."
             )
+        return cls.from_arrays(meta, contents, repr(os.fspath(path)))
+
+    @classmethod
+    def from_arrays(cls, meta: dict[str, Any], contents: dict[str, np.ndarray],
+                    where: str = "the file") -> SufficientStats:
+        """Statistics from the metadata and arrays of :meth:`to_arrays` (``where`` names the source)."""
         missing = [k for k in _SHARED + _PER_GENE + ("gene_names",) if k not in contents]
         if missing:
-            raise StatsError(f"{os.fspath(path)!r} lacks arrays {missing}.")
+            raise StatsError(f"{where} lacks arrays {missing}.")
         return cls(
             XX=contents["XX"], ZX=contents["ZX"], ZZ=contents["ZZ"], n=int(meta["n"]),
             XY=contents["XY"], ZY=contents["ZY"], yy=contents["yy"],
