@@ -1,0 +1,191 @@
+"""ANOVA tables and least-squares means against lmerTest (tests/reference/anova, made by R).
+
+``anova_reference.R`` simulates 300 cells (10 donors, trt at donor level, 3 cell types,
+3 batches crossed with donors, a cell covariate ``x``) and 6 genes, and fits every gene by
+REML with lme4 (bobyqa, rhoend 1e-12) in four random-effects designs: one component
+``(1|donor)``, nested ``+ (1|donor:ct)``, crossed ``+ (1|batch)`` and all three.  No fit is
+singular.  Formulas: ``ct * trt + x`` (types 2, 3, ls_means, difflsmeans), ``ct * trt + x:trt``
+(R's term order equals patsy's, so type 1 too), and in the one-component and nested designs
+``0 + ct + ct:trt``, ``ct + ct:trt + x`` and ``x + ct + ct:trt`` for the deliberate
+differences from lmerTest (user guide, Tests and degrees of freedom).
+
+Tolerances (the reference's own precision):
+- F within 3e-4 relative, sums of squares within 3e-4 relative: F is a quadratic form in
+  lme4's estimates, whose optimum is fixed to about 1e-9 relative (the same model fitted in
+  three parameterisations gives residual variances that agree to 3e-9), far inside; 3e-4 is
+  the brief's bound, we measure about 1e-6 (see the module constant ``MEASURED``).
+- Denominator df within 2e-3 relative: lmerTest differentiates the covariance of the fixed
+  effects numerically (numDeriv, about 1e-6 relative; sleepstudy gives 17.0000052 for an
+  exact 17), and the df of a multi-row F combine several such df.
+- p-values within 2e-3 relative (they follow the df) or 1e-12 absolute (tiny p).
+- Least-squares means and differences: estimates and SEs within 1e-6 relative (exact linear
+  algebra on estimates fixed to ~1e-9), df within 2e-3 as above.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REFERENCE
+
+from flashmm import MultiGeneMixedLM
+from flashmm._terms import TermError
+
+ANOVA = REFERENCE / "anova"
+RANDOM = {
+    "one": {"groups": "donor"},
+    "nested": {"groups": "donor", "re_formula": "1", "vc_formula": {"dct": "0 + C(ct)"}},
+    "crossed": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "batch": "0 + C(batch)"}},
+    "three": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "dct": "0 + C(donor):C(ct)",
+                                             "batch": "0 + C(batch)"}},
+}
+FIXED = {"main": "~ ct * trt + x", "order": "~ ct * trt + x:trt", "nointercept": "~ 0 + ct + ct:trt",
+         "nomain": "~ ct + ct:trt + x", "xfirst": "~ x + ct + ct:trt"}
+F_RTOL = 3e-4
+DF_RTOL = 2e-3
+LS_RTOL = 1e-6
+GENES = [f"g{i:02d}" for i in range(1, 7)]
+
+
+@cache
+def cells() -> pd.DataFrame:
+    return pd.read_csv(ANOVA / "cells.csv")
+
+
+@cache
+def fit(design: str, formula: str):  # noqa: ANN201 - results
+    obs = cells()
+    model = MultiGeneMixedLM.from_formula(FIXED[formula], obs, endog=obs[GENES], **RANDOM[design])
+    return model.fit()
+
+
+@cache
+def reference(what: str) -> pd.DataFrame:
+    return pd.read_csv(ANOVA / f"{what}.csv")
+
+
+def canonical(term: str) -> str:
+    """R writes ``trt:x`` where patsy writes ``x:trt``: compare by the set of factors."""
+    return ":".join(sorted(term.split(":")))
+
+
+def ref_anova(design: str, formula: str, type_: int) -> pd.DataFrame:
+    tab = reference("anova")
+    tab = tab[(tab.design == design) & (tab.formula == formula) & (tab.type == type_)].copy()
+    tab["term"] = tab["term"].map(canonical)
+    return tab.set_index(["gene", "term"])
+
+
+def ours_anova(design: str, formula: str, type_: int) -> pd.DataFrame:
+    tab = fit(design, formula).anova(type=type_).reset_index()
+    tab["term"] = tab["term"].map(canonical)
+    return tab.set_index(["gene", "term"])
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return np.abs(a - b) / np.abs(b)
+
+
+def assert_anova_close(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
+    ours = ours.loc[ref.index]
+    np.testing.assert_array_equal(ours["num_df"], ref["num_df"])
+    assert rel(ours["F"], ref["F"]).max() < F_RTOL
+    assert rel(ours["sum_sq"], ref["sum_sq"]).max() < F_RTOL
+    assert rel(ours["den_df"], ref["den_df"]).max() < DF_RTOL
+    np.testing.assert_allclose(ours["pvalue"], ref["pvalue"], rtol=DF_RTOL, atol=1e-12)
+
+
+CASES = [(d, f, t) for d in RANDOM for f in ("main", "order") for t in (1, 2, 3)
+         if not (f == "main" and t == 1)]
+
+
+@pytest.mark.parametrize(("design", "formula", "type_"), CASES)
+def test_anova_matches_lmertest(design: str, formula: str, type_: int) -> None:
+    ref = ref_anova(design, formula, type_)
+    ours = ours_anova(design, formula, type_)
+    assert sorted(set(ours.index)) == sorted(set(ref.index))
+    assert_anova_close(ours, ref)
+
+
+@pytest.mark.parametrize("design", list(RANDOM))
+def test_type1_is_sequential_in_patsy_order(design: str) -> None:
+    """``ct * trt + x``: patsy puts x last, R before ct:trt; the first two rows agree."""
+    ref = ref_anova(design, "main", 1)
+    ours = ours_anova(design, "main", 1)
+    first = ref[ref.index.get_level_values("term").isin(["ct", "trt"])]
+    assert_anova_close(ours, first)
+    assert list(fit(design, "main").anova(type=1).loc["g01"].index) == ["ct", "trt", "ct:trt", "x"]
+
+
+@pytest.mark.parametrize("design", ["one", "nested"])
+@pytest.mark.parametrize("type_", [2, 3])
+def test_no_intercept_interaction_term_matches(design: str, type_: int) -> None:
+    """``0 + ct + ct:trt``: the ct:trt row (contained in nothing) is lmerTest's."""
+    ref = ref_anova(design, "nointercept", type_)
+    ref = ref[ref.index.get_level_values("term") == "ct:trt"]
+    assert_anova_close(ours_anova(design, "nointercept", type_), ref)
+
+
+@pytest.mark.parametrize("design", ["one", "nested"])
+def test_no_intercept_main_effect_is_averaged_over_margin(design: str) -> None:
+    """Type 3 of ct in ``0 + ct + ct:trt`` tests the cell-type means averaged over trt.
+
+    lmerTest does not see ct as contained in ct:trt (R codes ct without contrasts there)
+    and tests the means at the reference trt instead; flashmm's hypothesis is the
+    reference's ``contestMD`` with ``L = [I, I/2]``, and its type 2 row is ct first,
+    i.e. lmerTest's type 1 row.
+    """
+    con = reference("contest")
+    con = con[(con.design == design) & (con.formula == "nointercept")].set_index("gene")
+    ours = fit(design, "nointercept").anova(type=3).xs("ct", level="term")
+    assert rel(ours.loc[con.index, "F"], con["F"]).max() < F_RTOL
+    assert rel(ours.loc[con.index, "den_df"], con["den_df"]).max() < DF_RTOL
+    assert (ours["num_df"] == 3).all()
+    ref1 = ref_anova(design, "nointercept", 1)
+    ref1 = ref1[ref1.index.get_level_values("term") == "ct"]
+    assert_anova_close(ours_anova(design, "nointercept", 2), ref1)
+
+
+@pytest.mark.parametrize("design", ["one", "nested"])
+def test_interaction_without_main_effect(design: str) -> None:
+    """``ct + ct:trt + x`` (no trt): ct is contained in ct:trt.
+
+    Type 3 of ct is then lmerTest's type 3 of ct in ``ct * trt + x`` (the same model and
+    the same hypothesis, averaged over trt); type 2 of ct is lmerTest's type 1 of ct after
+    x (``x + ct + ct:trt``); the ct:trt and x rows are lmerTest's own.
+    """
+    ours3 = ours_anova(design, "nomain", 3)
+    ref_main = ref_anova(design, "main", 3)
+    assert_anova_close(ours3, ref_main[ref_main.index.get_level_values("term") == "ct"])
+    ref_own = ref_anova(design, "nomain", 3)
+    assert_anova_close(ours3, ref_own[ref_own.index.get_level_values("term") != "ct"])
+    ref_seq = ref_anova(design, "xfirst", 1)
+    assert_anova_close(ours_anova(design, "nomain", 2),
+                       ref_seq[ref_seq.index.get_level_values("term") == "ct"])
+
+
+# ------------------------------------------------------------- least-squares means
+def ref_lsmeans(design: str, pairwise: bool) -> pd.DataFrame:
+    tab = reference("lsmeans")
+    tab = tab[(tab.design == design) & (tab.pairwise == pairwise)]
+    return tab.set_index(["gene", "term", "level"])
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+@pytest.mark.parametrize("design", list(RANDOM))
+def test_ls_means_match_lmertest(design: str, pairwise: bool) -> None:
+    ref = ref_lsmeans(design, pairwise)
+    ours = fit(design, "main").ls_means(["ct", "trt", "ct:trt"], pairwise=pairwise)
+    assert sorted(ours.index) == sorted(ref.index)
+    ours = ours.loc[ref.index]
+    scale = np.maximum(np.abs(ref["estimate"]), ref["se"])
+    assert (np.abs(ours["estimate"] - ref["estimate"]) / scale).max() < LS_RTOL
+    assert rel(ours["se"], ref["se"]).max() < LS_RTOL
+    assert rel(ours["df"], ref["df"]).max() < DF_RTOL
+    for col in ("lower", "upper"):
+        assert (np.abs(ours[col] - ref[col]) / ref["se"]).max() < DF_RTOL
+    np.testing.assert_allclose(ours["pvalue"], ref["pvalue"], rtol=DF_RTOL, atol=1e-12)
