@@ -189,3 +189,142 @@ def test_ls_means_match_lmertest(design: str, pairwise: bool) -> None:
     for col in ("lower", "upper"):
         assert (np.abs(ours[col] - ref[col]) / ref["se"]).max() < DF_RTOL
     np.testing.assert_allclose(ours["pvalue"], ref["pvalue"], rtol=DF_RTOL, atol=1e-12)
+
+
+# ------------------------------------------------------------------ behaviour
+def small_study(formula: str = "~ ct * trt + x", constant_gene: bool = False, **random):  # noqa: ANN201
+    obs = cells()
+    Y = obs[GENES].copy()
+    if constant_gene:
+        Y["flat"] = 3.5                      # fitted exactly by the intercept: status not ok
+        Y["zero"] = 0.0
+    kw = random or RANDOM["one"]
+    with pytest.warns(UserWarning) if constant_gene else _no_warning():
+        return MultiGeneMixedLM.from_formula(formula, obs, endog=Y, **kw).fit()
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_unfitted_genes_stay_nan_and_out_of_padj() -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    res = small_study(constant_gene=True)
+    tab = res.anova()
+    bad = tab.loc[["flat", "zero"]]
+    assert bad.isna().all().all()
+    for term, part in tab.groupby(level="term"):
+        good = part.drop(index=["flat", "zero"], level="gene")
+        assert np.isfinite(good["pvalue"]).all(), term
+        np.testing.assert_allclose(good["padj"], multipletests(good["pvalue"], method="fdr_bh")[1])
+    ls = res.ls_means("ct")
+    assert ls.loc[["flat", "zero"]].isna().all().all()
+    for _, part in ls.groupby(level="level"):
+        good = part.drop(index=["flat", "zero"], level="gene")
+        np.testing.assert_allclose(good["padj"], multipletests(good["pvalue"], method="fdr_bh")[1])
+
+
+def test_anova_agrees_with_wald_test_statistic() -> None:
+    """The type 3 F of ct:trt is the joint Wald F of its coefficients (no other term contains it)."""
+    res = fit("one", "main")
+    F = res.anova().xs("ct:trt", level="term")["F"]
+    wald = res.wald_test(["ct[T.B]:trt[T.T] = 0", "ct[T.C]:trt[T.T] = 0"])
+    np.testing.assert_allclose(F.loc[wald.index], wald["statistic"], rtol=1e-10)
+
+
+def test_type3_does_not_depend_on_the_coding() -> None:
+    """Sum coding of ct gives lmerTest's type 3 hypotheses mapped to it: the same tests."""
+    treat = fit("one", "main").anova(type=3)
+    summed = small_study("~ C(ct, Sum) * trt + x").anova(type=3).reset_index()
+    summed["term"] = summed["term"].str.replace("C(ct, Sum)", "ct", regex=False)
+    summed = summed.set_index(["gene", "term"]).loc[treat.index]
+    for col in ("F", "den_df", "num_df"):
+        np.testing.assert_allclose(summed[col], treat[col], rtol=1e-8)
+
+
+def test_df_methods() -> None:
+    res = fit("one", "main")
+    sat = res.anova()
+    resid = res.anova(df_method="residual")
+    normal = res.anova(df_method="normal")
+    np.testing.assert_allclose(resid["F"], sat["F"])
+    assert (resid["den_df"] == res.nobs - res.k_fe).all()
+    assert np.isinf(normal["den_df"]).all()
+    from scipy import stats
+
+    np.testing.assert_allclose(normal["pvalue"], stats.chi2.sf(normal["F"] * normal["num_df"],
+                                                               normal["num_df"]))
+    ls = res.ls_means("ct", df_method="normal")
+    assert np.isinf(ls["df"]).all()
+    with pytest.raises(NotImplementedError, match="kenward-roger.*not available yet"):
+        res.anova(df_method="kenward-roger")
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        res.ls_means("ct", df_method="Kenward-Roger")
+    with pytest.raises(ValueError, match="df_method"):
+        res.anova(df_method="lme4")
+    with pytest.raises(ValueError, match="type must be"):
+        res.anova(type=4)
+
+
+def test_bad_term_names_the_term_and_lists_valid_ones() -> None:
+    res = fit("one", "main")
+    with pytest.raises(TermError, match=r"'cell' is not a term of the model; terms are "
+                                        r"\['ct', 'trt', 'ct:trt', 'x'\]"):
+        res.ls_means("cell")
+    with pytest.raises(TermError, match=r"'x' involves a numerical variable.*\['ct', 'trt', 'ct:trt'\]"):
+        res.ls_means("x")
+
+
+def test_model_without_formula_says_what_is_needed() -> None:
+    obs = cells()
+    X = np.column_stack([np.ones(len(obs)), obs["x"]])
+    res = MultiGeneMixedLM(obs[GENES], X, groups=obs["donor"]).fit()
+    with pytest.raises(TermError, match="from_formula"):
+        res.anova()
+
+
+def test_term_structure_rebuilds_the_design_and_survives_save(tmp_path) -> None:  # noqa: ANN001
+    from flashmm._terms import TermStructure
+    from flashmm.stats import SufficientStats
+
+    obs = cells()
+    for formula in ("~ ct * trt + x", "~ 0 + ct + ct:trt", "~ ct:trt", "~ C(ct, Sum) * trt + x:ct",
+                    "~ np.log(x ** 2) * trt"):
+        model = MultiGeneMixedLM.from_formula(formula, obs, endog=obs[GENES], groups="donor")
+        st = TermStructure.from_info(model.stats.info["terms"])
+        values = {}
+        for name, fac in st.factors.items():
+            if fac.kind == "categorical":
+                col = name[2:4] if name.startswith("C(") else name
+                values[name] = pd.Categorical(obs[col], categories=fac.levels).codes.astype(int)
+            else:
+                values[name] = np.log(obs["x"].to_numpy() ** 2)[:, None] if "log" in name \
+                    else obs[[name]].to_numpy()
+        np.testing.assert_allclose(st.model_rows(values), model.design.exog, atol=1e-12)
+    res = fit("nested", "main")
+    path = tmp_path / "stats.npz"
+    res.stats.save(path)
+    loaded = MultiGeneMixedLM.from_sufficient_stats(SufficientStats.load(path))
+    again = loaded.fit().anova()
+    pd.testing.assert_frame_equal(again, res.anova(), rtol=1e-8)
+
+
+def test_zero_intercept_and_interaction_only_designs_run() -> None:
+    """Designs lmerTest handles specially: single term, interaction only, no intercept."""
+    one = small_study("~ ct").anova(type=3)
+    seq = small_study("~ ct").anova(type=1)
+    pd.testing.assert_frame_equal(one, seq)                # one term: lmerTest uses type 1
+    assert (one["num_df"] == 2).all()
+    noint = small_study("~ 0 + ct").anova()
+    assert (noint["num_df"] == 3).all()                    # the means themselves: 3 df
+    inter = small_study("~ ct:trt").anova(type=2)
+    assert (inter["num_df"] == 5).all()                    # all 6 cells around the intercept
+    pd.testing.assert_frame_equal(small_study("~ ct:trt").anova(type=3), inter)
+    with pytest.raises(TermError, match="type 3 contrasts are not available for the coding of "
+                                        "term 'ct:trt'.*type=2"):
+        small_study("~ x + ct:trt").anova(type=3)
