@@ -10,7 +10,7 @@ The data flow, one module per step::
 """
 
 from ._design import Design, RandomComponent, build_design, build_formula_design
-from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError
+from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError, TermError
 from ._memory import MemoryBudgetError
 from ._version import __version__
 from .contrasts import MultiGeneContrastResults, contrast_matrix
@@ -35,6 +35,7 @@ __all__ = [
     "DesignError",
     "DataError",
     "StatsError",
+    "TermError",
     "ConvergenceWarning",
     "MemoryBudgetError",
 ]

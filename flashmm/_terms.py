@@ -25,19 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import FlashmmError
+from ._errors import TermError
 
-__all__ = ["TERMS_KEY", "TermStructure", "TermError", "term_structure"]
+__all__ = ["TERMS_KEY", "TermStructure", "term_structure", "structure_of"]
 
 #: Key of the term structure in ``Design.info`` / ``SufficientStats.info``.
 TERMS_KEY = "terms"
 
 CATEGORICAL = "categorical"
 NUMERICAL = "numerical"
-
-
-class TermError(FlashmmError):
-    """A model term is unknown, or the model has no term structure."""
 
 
 @dataclass(frozen=True)

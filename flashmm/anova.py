@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ._terms import TermError, TermStructure, structure_of
+from ._errors import TermError
+from ._terms import TermStructure, structure_of
 from .contrasts import bh_adjust
 
 __all__ = ["anova_table", "anova_contrasts", "contest_md", "check_df_method"]

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._terms import Term, TermError, TermStructure, structure_of
+from ._errors import TermError
+from ._terms import Term, TermStructure, structure_of
 from .anova import check_df_method
 from .contrasts import bh_adjust, t_quantile, two_sided_p
 

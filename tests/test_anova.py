@@ -31,8 +31,7 @@ import pandas as pd
 import pytest
 from conftest import REFERENCE
 
-from flashmm import MultiGeneMixedLM
-from flashmm._terms import TermError
+from flashmm import MultiGeneMixedLM, TermError
 
 ANOVA = REFERENCE / "anova"
 RANDOM = {
