@@ -22,7 +22,7 @@ from ._components import RandomComponent
 from ._errors import DesignError
 from ._exog_re import random_slopes_block
 from ._kinship import apply_group_cov
-from ._terms import term_structure
+from ._terms import TERMS_KEY, term_structure
 
 __all__ = ["RandomComponent", "Design", "build_design", "build_formula_design"]
 
@@ -431,7 +431,7 @@ def build_formula_design(
         exog_re=exog_re, independent_re=independent_re, group_cov=group_cov,
     )
     design.info.update(
-        terms=term_structure(X.design_info, data, design.exog_names),
+        **{TERMS_KEY: term_structure(X.design_info, data, design.exog_names)},
         formula=formula,
         groups=group_name,
         vc_formula=dict(vc_formula or {}),

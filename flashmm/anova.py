@@ -260,11 +260,10 @@ def combine_satterthwaite_df(nu: np.ndarray, pos: np.ndarray) -> np.ndarray:
     ``2E / (E - q)`` with ``E = sum nu / (nu - 2)``.
     """
     q = pos.sum(axis=1)
-    nu_pos = np.where(pos, nu, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        steps = np.abs(np.diff(nu_pos, axis=1))
+        steps = np.abs(np.diff(nu, axis=1))
         equal = np.all(np.where(pos[:, 1:], steps < _NU_EQUAL_TOL, True), axis=1)
-        mean = np.nanmean(np.where(pos, nu, np.nan), axis=1) if nu.shape[1] else np.zeros(0)
+        mean = np.sum(np.where(pos, nu, 0.0), axis=1) / q
         small = np.any(pos & (nu <= 2), axis=1)
         E = np.sum(np.where(pos, nu / (nu - 2), 0.0), axis=1)
         general = 2 * E / (E - q)

@@ -228,12 +228,19 @@ def test_unfitted_genes_stay_nan_and_out_of_padj() -> None:
         np.testing.assert_allclose(good["padj"], multipletests(good["pvalue"], method="fdr_bh")[1])
 
 
-def test_anova_agrees_with_wald_test_statistic() -> None:
-    """The type 3 F of ct:trt is the joint Wald F of its coefficients (no other term contains it)."""
-    res = fit("one", "main")
+@pytest.mark.parametrize("random", ["one", "three", "slopes"])
+def test_anova_agrees_with_wald_test_statistic(random: str) -> None:
+    """The type 3 F of ct:trt is the joint Wald F of its coefficients (no other term contains it).
+
+    Also for correlated random slopes (``re_formula="~ 1 + x"``), which lmerTest treats alike.
+    """
+    kw = {"groups": "donor", "re_formula": "~ 1 + x"} if random == "slopes" else RANDOM[random]
+    obs = cells()
+    res = MultiGeneMixedLM.from_formula(FIXED["main"], obs, endog=obs[GENES], **kw).fit()
     F = res.anova().xs("ct:trt", level="term")["F"]
     wald = res.wald_test(["ct[T.B]:trt[T.T] = 0", "ct[T.C]:trt[T.T] = 0"])
     np.testing.assert_allclose(F.loc[wald.index], wald["statistic"], rtol=1e-10)
+    assert np.isfinite(res.anova()["den_df"]).all()
 
 
 def test_type3_does_not_depend_on_the_coding() -> None:
