@@ -6,7 +6,7 @@ The data flow, one module per step::
       -> batched fit: one component (_engine: _fit_eigen, _fit_scoring);
          several components and random slopes: structure (_structure)
          -> criterion (_fit_theta) -> optimiser (_newton)
-      -> results (results, gene, contrasts, summary)
+      -> results (results, gene, contrasts, summary; anova, lsmeans on the terms of _terms)
 """
 
 from ._design import Design, RandomComponent, build_design, build_formula_design

@@ -51,7 +51,25 @@ COLUMNS = ["sum_sq", "mean_sq", "num_df", "den_df", "F", "pvalue", "padj"]
 
 
 def check_df_method(df_method: str) -> str:
-    """Validate ``df_method``; Kenward-Roger is refused with a clear message."""
+    """Validate ``df_method``; Kenward-Roger is refused with a clear message.
+
+    Parameters
+    ----------
+    df_method : str
+        ``"satterthwaite"``, ``"residual"`` or ``"normal"`` (any case).
+
+    Returns
+    -------
+    str
+        The method in lower case.
+
+    Raises
+    ------
+    NotImplementedError
+        For ``"kenward-roger"``, not available yet.
+    ValueError
+        For any other unknown method.
+    """
     method = str(df_method).lower().replace("_", "-")
     if method in ("kenward-roger", "kr", "kenward roger"):
         raise NotImplementedError(
@@ -198,7 +216,23 @@ def _matching_columns(XT: np.ndarray, rdX: np.ndarray, owner: list[str],
 
 
 def anova_contrasts(st: TermStructure, XX: np.ndarray, type: Any = 3) -> dict[str, np.ndarray]:
-    """Hypothesis matrix (rows x coefficients) of every model term for an ANOVA of ``type``."""
+    """Hypothesis matrix of every model term for an ANOVA of ``type`` (lmerTest's ``L``).
+
+    Parameters
+    ----------
+    st : TermStructure
+        The term structure of the design (``flashmm._terms``).
+    XX : ndarray, shape (p, p)
+        ``X'X`` of the fixed design (types 1 and 2 depend on it).
+    type : {1, 2, 3, "I", "II", "III"}
+        The type of the table.
+
+    Returns
+    -------
+    dict
+        Term name -> contrast rows (r x p) over the fixed-effect coefficients;
+        terms in the design's order, no intercept.
+    """
     kind = _check_type(type)
     build = {1: type1_contrasts, 2: type2_contrasts, 3: type3_contrasts}[kind]
     return build(st, XX)
@@ -206,9 +240,23 @@ def anova_contrasts(st: TermStructure, XX: np.ndarray, type: Any = 3) -> dict[st
 
 # ---------------------------------------------------------------------- tests
 def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite") -> dict[str, np.ndarray]:
-    """lmerTest's ``contestMD`` for the contrast rows ``L`` (r x p), every gene at once.
+    """lmerTest's ``contestMD`` for the contrast rows ``L``, every gene at once.
 
-    Returns arrays over genes: ``sum_sq, mean_sq, num_df, den_df, F, pvalue``.
+    Parameters
+    ----------
+    res : MultiGeneMixedLMResults
+        A fit (uses ``fe_params``, ``cov_params()``, ``scale`` and
+        ``contrast_df_rows``).
+    L : ndarray, shape (r, p)
+        Hypothesis ``L b = 0``, the same for every gene.
+    df_method : {"satterthwaite", "residual", "normal"}
+        Denominator df of the F statistic.
+
+    Returns
+    -------
+    dict
+        Arrays over genes: ``sum_sq, mean_sq, num_df, den_df, F, pvalue``
+        (NaN for genes that were not fitted).
     """
     b = res.fe_params.to_numpy()
     cov = res.cov_params()
@@ -284,7 +332,23 @@ def _f_pvalue(F: np.ndarray, q: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------- table
 def anova_table(res: Any, type: Any = 3, df_method: str = "satterthwaite") -> pd.DataFrame:
-    """ANOVA table of every gene (see :meth:`MultiGeneMixedLMResults.anova`)."""
+    """ANOVA table of every gene (see :meth:`flashmm.MultiGeneMixedLMResults.anova`).
+
+    Parameters
+    ----------
+    res : MultiGeneMixedLMResults
+        A fit of a model built with ``from_formula``.
+    type : {3, 2, 1, "III", "II", "I"}
+        The type of the table.
+    df_method : {"satterthwaite", "residual", "normal"}
+        Denominator df of the F-tests.
+
+    Returns
+    -------
+    DataFrame
+        Indexed by (gene, term); columns ``sum_sq, mean_sq, num_df, den_df, F,
+        pvalue, padj`` (Benjamini-Hochberg within each term, NaN genes left out).
+    """
     method = check_df_method(df_method)
     st = structure_of(res.stats.info)
     hyps = anova_contrasts(st, np.asarray(res.stats.XX, dtype=float), type)

@@ -38,11 +38,25 @@ def _factor_term(st: TermStructure, name: str) -> Term:
 
 
 def lsmeans_contrasts(st: TermStructure, term: Term) -> tuple[list[str], np.ndarray]:
-    """Level labels and contrast rows (levels x p) of a factor term's least-squares means.
+    """Level labels and contrast rows of a factor term's least-squares means.
 
     lmerTest's ``lsmeans_contrasts``: rows of the design on the reference grid
     (every level combination, numerical factors at their mean), averaged over
     the grid rows of each level of the term.
+
+    Parameters
+    ----------
+    st : TermStructure
+        The term structure of the design.
+    term : Term
+        A term of factors only.
+
+    Returns
+    -------
+    labels : list of str
+        One per level (combination), ``"A"`` or ``"A:T"``; the first factor varies fastest.
+    L : ndarray, shape (levels, p)
+        The contrast of each mean over the fixed-effect coefficients.
     """
     grid = st.mean_grid()
     rows = st.model_rows(grid)
@@ -52,7 +66,22 @@ def lsmeans_contrasts(st: TermStructure, term: Term) -> tuple[list[str], np.ndar
 
 
 def pairwise_contrasts(labels: list[str], L: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Differences of every pair of rows, in lmerTest's order (``"a - b"`` for a before b)."""
+    """Differences of every pair of rows, in lmerTest's order (``"a - b"`` for a before b).
+
+    Parameters
+    ----------
+    labels : list of str
+        Names of the rows of ``L``.
+    L : ndarray, shape (k, p)
+        Contrast rows.
+
+    Returns
+    -------
+    names : list of str
+        ``"a - b"`` for every pair, ``a`` before ``b`` in ``labels``.
+    rows : ndarray, shape (k (k - 1) / 2, p)
+        The differences ``L[a] - L[b]``.
+    """
     pairs = list(combinations(range(len(labels)), 2))
     names = [f"{labels[i]} - {labels[j]}" for i, j in pairs]
     rows = np.array([L[i] - L[j] for i, j in pairs]).reshape(len(pairs), L.shape[1])
@@ -63,7 +92,23 @@ def ls_means_table(res: Any, term: str | list[str], pairwise: bool = False, alph
                    df_method: str | None = None) -> pd.DataFrame:
     """Least-squares means (or their pairwise differences) of every gene.
 
-    See :meth:`MultiGeneMixedLMResults.ls_means`.
+    Parameters
+    ----------
+    res : MultiGeneMixedLMResults
+        A fit of a model built with ``from_formula``.
+    term : str or list of str
+        Term(s) of factors only.
+    pairwise : bool
+        Differences of the means instead of the means.
+    alpha : float
+        Confidence intervals at level ``1 - alpha``.
+    df_method : {"satterthwaite", "residual", "normal"}, optional
+        Defaults to the fit's ``df_method``.
+
+    Returns
+    -------
+    DataFrame
+        See :meth:`flashmm.MultiGeneMixedLMResults.ls_means`.
     """
     method = check_df_method(res.df_method if df_method is None else df_method)
     st = structure_of(res.stats.info)
