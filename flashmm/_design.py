@@ -43,6 +43,11 @@ class Design:
         The k components, in the order of their column blocks in ``exog_re``.
     group_name : str or None
         Name of the grouping factor (``groups``) if one was given.
+    info : dict
+        Provenance copied into the statistics: for a formula design the formulas
+        and, under ``"terms"``, the term structure of the fixed effects (factors,
+        their levels or means, each term's columns and coding; see
+        :mod:`flashmm._terms`), which ANOVA tables and least-squares means use.
     """
 
     exog: np.ndarray

@@ -239,7 +239,8 @@ def anova_contrasts(st: TermStructure, XX: np.ndarray, type: Any = 3) -> dict[st
 
 
 # ---------------------------------------------------------------------- tests
-def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite") -> dict[str, np.ndarray]:
+def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite",
+               cov: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """lmerTest's ``contestMD`` for the contrast rows ``L``, every gene at once.
 
     Parameters
@@ -251,6 +252,8 @@ def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite") -> dic
         Hypothesis ``L b = 0``, the same for every gene.
     df_method : {"satterthwaite", "residual", "normal"}
         Denominator df of the F statistic.
+    cov : ndarray, shape (genes, p, p), optional
+        ``res.cov_params()``, if already computed.
 
     Returns
     -------
@@ -259,7 +262,7 @@ def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite") -> dic
         (NaN for genes that were not fitted).
     """
     b = res.fe_params.to_numpy()
-    cov = res.cov_params()
+    cov = res.cov_params() if cov is None else cov
     sigma2 = res.scale.to_numpy()
     G, r = b.shape[0], L.shape[0]
     out = {k: np.full(G, np.nan) for k in COLUMNS[:-1]}
@@ -355,8 +358,9 @@ def anova_table(res: Any, type: Any = 3, df_method: str = "satterthwaite") -> pd
     terms = [t for t in st.term_names if t in hyps]
     G = res.n_genes
     cols = {k: np.full((G, len(terms)), np.nan) for k in COLUMNS}
+    cov = res.cov_params()
     for j, name in enumerate(terms):
-        test = contest_md(res, hyps[name], method)
+        test = contest_md(res, hyps[name], method, cov)
         for k, v in test.items():
             cols[k][:, j] = v
     cols["padj"] = bh_adjust(cols["pvalue"])
