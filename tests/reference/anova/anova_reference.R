@@ -36,7 +36,8 @@ cells$donor <- factor(cells$donor); cells$batch <- factor(cells$batch)
 random <- list(one = "(1 | donor)",
                nested = "(1 | donor) + (1 | donor:ct)",
                crossed = "(1 | donor) + (1 | batch)",
-               three = "(1 | donor) + (1 | donor:ct) + (1 | batch)")
+               three = "(1 | donor) + (1 | donor:ct) + (1 | batch)",
+               nested_ML = "(1 | donor) + (1 | donor:ct)")   # fitted by ML
 fixed <- list(main = "ct * trt + x",          # types 2, 3, ls_means (type 1: R orders x first)
               order = "ct * trt + x:trt",     # R's and patsy's term order agree: types 1, 2, 3
               nointercept = "0 + ct + ct:trt",
@@ -59,10 +60,12 @@ tidy_ls <- function(tab, design, fid, gene, pairwise) {
              upper = d$upper, stringsAsFactors = FALSE)
 }
 for (design in names(random)) {
-  fids <- if (design %in% c("one", "nested")) names(fixed) else c("main", "order")
+  fids <- if (design %in% c("one", "nested")) names(fixed) else
+    if (design == "nested_ML") "main" else c("main", "order")
   for (fid in fids) for (gene in genes) {
     form <- as.formula(paste(gene, "~", fixed[[fid]], "+", random[[design]]))
-    fc <- fit_capture(lmer(form, data = cells, REML = TRUE, control = tight_ctrl()))
+    fc <- fit_capture(lmer(form, data = cells, REML = design != "nested_ML",
+                               control = tight_ctrl()))
     fit <- fc$fit
     fit_rows[[length(fit_rows) + 1]] <- data.frame(
       design = design, formula = fid, gene = gene, singular = isSingular(fit, tol = 1e-4),
