@@ -4,8 +4,9 @@
 3 batches crossed with donors, a cell covariate ``x``) and 6 genes, and fits every gene by
 REML with lme4 (bobyqa, rhoend 1e-12) in four random-effects designs: one component
 ``(1|donor)``, nested ``+ (1|donor:ct)``, crossed ``+ (1|batch)`` and all three, and the
-nested design by ML too (``nested_ML``, formula ``main`` only).  No fit is singular.  Formulas: ``ct * trt + x`` (types 2, 3, ls_means, difflsmeans), ``ct * trt + x:trt``
-(R's term order equals patsy's, so type 1 too), and in the one-component and nested designs
+nested design by ML too (``nested_ML``, formula ``main`` only).  No fit is singular.
+Formulas: ``ct * trt + x`` (types 2, 3, ls_means, difflsmeans), ``ct * trt + x:trt`` (R's
+term order equals patsy's, so type 1 too), and in the one-component and nested designs
 ``0 + ct + ct:trt``, ``ct + ct:trt + x`` and ``x + ct + ct:trt`` for the deliberate
 differences from lmerTest (user guide, Tests and degrees of freedom).
 
@@ -339,3 +340,37 @@ def test_zero_intercept_and_interaction_only_designs_run() -> None:
     with pytest.raises(TermError, match="type 3 contrasts are not available for the coding of "
                                         "term 'ct:trt'.*type=2"):
         small_study("~ x + ct:trt").anova(type=3)
+
+
+def test_combined_df_follows_lmertest_rules() -> None:
+    """``get_Fstat_ddf``: one df as is, equal df their mean, any df <= 2 gives 2, else 2E/(E-q)."""
+    from flashmm.anova import combine_satterthwaite_df
+
+    nu = np.array([[12.0, 7.0, 99.0], [5.0, 5.0, 5.0], [30.0, 1.5, 8.0], [9.0, 6.0, 4.0]])
+    pos = np.array([[True, False, False], [True, True, True], [True, True, True],
+                    [True, True, False]])
+    E = 9 / 7 + 6 / 4
+    np.testing.assert_allclose(combine_satterthwaite_df(nu, pos), [12.0, 5.0, 2.0, 2 * E / (E - 2)])
+
+
+def test_doolittle_rows_factor_xx() -> None:
+    """``U`` is unit upper triangular and ``X'X = U' D U`` with D diagonal (LDL')."""
+    from flashmm.anova import doolittle_rows
+
+    XX = fit("one", "main").stats.XX
+    U = doolittle_rows(XX)
+    np.testing.assert_allclose(np.diag(U), 1.0)
+    assert np.allclose(np.tril(U, -1), 0.0)
+    D = np.linalg.solve(U.T, XX) @ np.linalg.inv(U)
+    np.testing.assert_allclose(D, np.diag(np.diag(D)), atol=1e-6 * np.abs(XX).max())
+
+
+def test_ls_means_interval_at_alpha() -> None:
+    from scipy import stats
+
+    ls = fit("nested", "main").ls_means("ct:trt", pairwise=True, alpha=0.1)
+    half = stats.t.ppf(0.95, ls["df"]) * ls["se"]
+    np.testing.assert_allclose(ls["upper"] - ls["estimate"], half, rtol=1e-10)
+    np.testing.assert_allclose(ls["estimate"] - ls["lower"], half, rtol=1e-10)
+    assert ls.index.get_level_values("level")[0] == "A:C - B:C"
+    assert len(ls.loc["g01"]) == 15                       # 6 cells: 15 pairs
