@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ._errors import TermError
 from ._terms import TermStructure, structure_of
 from .contrasts import bh_adjust
 
@@ -160,8 +159,8 @@ def type3_contrasts(st: TermStructure, XX: np.ndarray) -> dict[str, np.ndarray]:
     grid = st.spanning_grid()
     XT = st.model_rows(grid, treatment=True)
     Xo = st.model_rows(grid)
-    rd_blocks, rd_owner = _full_dummy_design(st, grid)
-    B = np.linalg.lstsq(XT, rd_blocks, rcond=None)[0]       # rdX = XT B
+    rdX = _full_dummy_design(st, grid)
+    B = np.linalg.lstsq(XT, rdX, rcond=None)[0]             # rdX = XT B
     L = zapsmall(B.T)                                       # rows: rdX columns; cols: XT columns
     cols = _term_columns(st)
     for term in sorted(st.model_terms, key=lambda t: -len(t.factors)):   # stable: R's order()
@@ -169,8 +168,10 @@ def type3_contrasts(st: TermStructure, XX: np.ndarray) -> dict[str, np.ndarray]:
         if containing:
             other = [c for t in containing for c in cols[t.name]]
             L[:, cols[term.name]] = zapsmall(_residuals(L[:, other], L[:, cols[term.name]]))
-    rows = _matching_columns(XT, rd_blocks, rd_owner, st)
-    L = L[rows]
+    # lmerTest keeps the rows of L named as the columns of XT (each treatment-coded column is
+    # a full-indicator column); in general XT = rdX S, and S' L does not depend on which S.
+    S = zapsmall(np.linalg.lstsq(rdX, XT, rcond=None)[0])
+    L = S.T @ L
     mapping = zapsmall(np.linalg.lstsq(XT, Xo, rcond=None)[0])    # XT -> the coding used
     out = {}
     for name, c in cols.items():
@@ -179,40 +180,17 @@ def type3_contrasts(st: TermStructure, XX: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _full_dummy_design(st: TermStructure, grid: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+def _full_dummy_design(st: TermStructure, grid: dict[str, np.ndarray]) -> np.ndarray:
     """lmerTest's ``get_rdX`` on the grid: intercept, then every term's full indicators."""
     m = len(next(iter(grid.values())))
-    blocks, owner = [], []
-    if st.has_intercept:
-        blocks.append(np.ones((m, 1)))
-        owner.append("Intercept")
-    for term in st.model_terms:
-        block = st.full_dummy_rows(term, grid)
-        blocks.append(block)
-        owner += [term.name] * block.shape[1]
-    return np.hstack(blocks), owner
+    blocks = [np.ones((m, 1))] if st.has_intercept else []
+    blocks += [st.full_dummy_rows(term, grid) for term in st.model_terms]
+    return np.hstack(blocks)
 
 
 def _residuals(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``resid(lm.fit(x, y))``: ``y`` minus its projection on the columns of ``x``."""
     return y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
-
-
-def _matching_columns(XT: np.ndarray, rdX: np.ndarray, owner: list[str],
-                      st: TermStructure) -> list[int]:
-    """For each treatment-coded column, the full-indicator column of its term equal to it."""
-    term_of = {c: t.name for t in st.terms for c in t.columns}
-    rows = []
-    for j in range(XT.shape[1]):
-        name = term_of[j] if term_of[j] in st.term_names else "Intercept"
-        cand = [k for k, o in enumerate(owner) if o == name and np.allclose(rdX[:, k], XT[:, j])]
-        if not cand:
-            raise TermError(
-                f"type 3 contrasts are not available for the coding of term {name!r} "
-                "(a column is not an indicator of one level combination); use type=2 or 1."
-            )
-        rows.append(cand[0])
-    return rows
 
 
 def anova_contrasts(st: TermStructure, XX: np.ndarray, type: Any = 3) -> dict[str, np.ndarray]:
