@@ -91,7 +91,8 @@ rst_epilog = "\n".join(
 
 # Public submodules documented in the API reference (those that exist are listed).
 PUBLIC_MODULES = [
-    "flashmm.model", "flashmm.results", "flashmm.gene", "flashmm.contrasts", "flashmm.stats",
+    "flashmm.model", "flashmm.results", "flashmm.gene", "flashmm.contrasts", "flashmm.anova",
+    "flashmm.lsmeans", "flashmm.stats",
     "flashmm.summary", "flashmm.datasets", "flashmm.io", "flashmm.plot", "flashmm.dask",
     "flashmm.limma", "flashmm.kinship", "flashmm.cli", "flashmm.predict",
 ]

@@ -6,12 +6,12 @@ The data flow, one module per step::
       -> batched fit: one component (_engine: _fit_eigen, _fit_scoring);
          several components and random slopes: structure (_structure)
          -> criterion (_fit_theta) -> optimiser (_newton)
-      -> results (results, gene, contrasts, summary)
+      -> results (results, gene, contrasts, summary; anova, lsmeans on the terms of _terms)
       -> predictions (predict) and results files (_persist)
 """
 
 from ._design import Design, RandomComponent, build_design, build_formula_design
-from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError
+from ._errors import ConvergenceWarning, DataError, DesignError, FlashmmError, StatsError, TermError
 from ._memory import MemoryBudgetError
 from ._version import __version__
 from .contrasts import MultiGeneContrastResults, contrast_matrix
@@ -36,6 +36,7 @@ __all__ = [
     "DesignError",
     "DataError",
     "StatsError",
+    "TermError",
     "ConvergenceWarning",
     "MemoryBudgetError",
 ]

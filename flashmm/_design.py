@@ -23,6 +23,7 @@ from ._errors import DesignError
 from ._exog_re import random_slopes_block
 from ._formula_spec import VC_INDICATOR, VC_INTERCEPT, VC_PATSY, FormulaSpec
 from ._kinship import apply_group_cov
+from ._terms import TERMS_KEY, term_structure
 
 __all__ = ["RandomComponent", "Design", "build_design", "build_formula_design"]
 
@@ -43,6 +44,11 @@ class Design:
         The k components, in the order of their column blocks in ``exog_re``.
     group_name : str or None
         Name of the grouping factor (``groups``) if one was given.
+    info : dict
+        Provenance copied into the statistics: for a formula design the formulas
+        and, under ``"terms"``, the term structure of the fixed effects (factors,
+        their levels or means, each term's columns and coding; see
+        :mod:`flashmm._terms`), which ANOVA tables and least-squares means use.
     """
 
     exog: np.ndarray
@@ -442,6 +448,7 @@ def build_formula_design(
         exog_re=exog_re, independent_re=independent_re, group_cov=group_cov,
     )
     design.info.update(
+        **{TERMS_KEY: term_structure(X.design_info, data, design.exog_names)},
         formula=formula,
         groups=group_name,
         vc_formula=dict(vc_formula or {}),

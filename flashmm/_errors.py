@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FlashmmError", "DesignError", "DataError", "StatsError", "ConvergenceWarning"]
+__all__ = ["FlashmmError", "DesignError", "DataError", "StatsError", "TermError", "ConvergenceWarning"]
 
 
 class FlashmmError(ValueError):
@@ -19,6 +19,10 @@ class DataError(FlashmmError):
 
 class StatsError(FlashmmError):
     """Sufficient statistics are incompatible or a file is not a flashmm file."""
+
+
+class TermError(FlashmmError):
+    """A model term is unknown or unsuitable, or the model has no formula term structure."""
 
 
 class ConvergenceWarning(UserWarning):

@@ -17,7 +17,8 @@ from scipy import stats as sps
 
 from ._errors import FlashmmError
 
-__all__ = ["build_contrasts", "contrast_matrix", "MultiGeneContrastResults", "wald_test_matrix"]
+__all__ = ["build_contrasts", "contrast_matrix", "MultiGeneContrastResults", "wald_test_matrix",
+           "bh_adjust"]
 
 _ALTERNATIVES = ("two-sided", "larger", "smaller")
 
@@ -104,7 +105,7 @@ def _from_string(expr: str, exog_names: list[str]) -> tuple[list[str], np.ndarra
     return parts, L, q
 
 
-def _bh(p: np.ndarray) -> np.ndarray:
+def bh_adjust(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjustment of each column, NaN left out."""
     from statsmodels.stats.multitest import multipletests
 
@@ -184,7 +185,7 @@ class MultiGeneContrastResults:
     @cached_property
     def padj(self) -> pd.DataFrame:
         """Benjamini-Hochberg adjusted p-values within each contrast."""
-        return self._frame(_bh(self.pvalue.to_numpy()))
+        return self._frame(bh_adjust(self.pvalue.to_numpy()))
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
         """Tidy confidence intervals: gene, contrast, lower, upper."""

@@ -443,6 +443,7 @@ class MissingPatternResults(MultiGeneMixedLMResults):
         )
 
     t_test = wald_test = f_test = compare_lr_test = contrast_df = contrast_df_rows = _unsupported
+    anova = ls_means = _unsupported
     summary = summary_frame = _unsupported
 
     def __repr__(self) -> str:

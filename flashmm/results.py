@@ -406,6 +406,60 @@ class MultiGeneMixedLMResults:
 
     f_test = wald_test
 
+    def anova(self, type: int | str = 3, df_method: str | None = None) -> pd.DataFrame:
+        """lmerTest's ANOVA table of the fixed-effect terms, for every gene.
+
+        Parameters
+        ----------
+        type : {3, 2, 1} or {"III", "II", "I"}
+            Type 3 (default, lmerTest's), 2 (marginal over the terms that do not
+            contain the term) or 1 (sequential, in the design's term order).
+        df_method : {"satterthwaite", "residual", "normal"}, optional
+            Denominator df of the F-tests; defaults to the fit's ``df_method``.
+            ``"kenward-roger"`` raises ``NotImplementedError`` (not available yet).
+
+        Returns
+        -------
+        DataFrame
+            Indexed by (gene, term) with patsy's term names (no intercept row);
+            columns ``sum_sq, mean_sq, num_df, den_df, F, pvalue, padj``
+            (``padj``: Benjamini-Hochberg within each term, over the fitted
+            genes).  Needs a model built with ``from_formula``; see
+            :mod:`flashmm.anova` and the user guide (Tests and degrees of freedom).
+        """
+        from .anova import anova_table
+
+        return anova_table(self, type=type, df_method=self.df_method if df_method is None
+                           else df_method)
+
+    def ls_means(self, term: str | list[str], pairwise: bool = False, alpha: float = 0.05,
+                 df_method: str | None = None) -> pd.DataFrame:
+        """Least-squares means of a factor term (lmerTest's ``ls_means`` / ``difflsmeans``).
+
+        Parameters
+        ----------
+        term : str or list of str
+            Term(s) of factors only, patsy's names (``"ct"``, ``"ct:trt"``).
+        pairwise : bool
+            Pairwise differences of the means (``"A - B"``) instead of the means.
+        alpha : float
+            The confidence intervals ``lower, upper`` are at level ``1 - alpha``.
+        df_method : {"satterthwaite", "residual", "normal"}, optional
+            Defaults to the fit's ``df_method``.
+
+        Returns
+        -------
+        DataFrame
+            Indexed by (gene, term, level); columns ``estimate, se, df, t,
+            pvalue, padj, lower, upper`` (``padj``: Benjamini-Hochberg within each
+            level or difference, over the fitted genes).  Means weigh the levels
+            of the other factors equally, with numerical covariates at their
+            mean over the cells (see :mod:`flashmm.lsmeans`).
+        """
+        from .lsmeans import ls_means_table
+
+        return ls_means_table(self, term, pairwise=pairwise, alpha=alpha, df_method=df_method)
+
     def compare_lr_test(self, restricted: MultiGeneMixedLMResults) -> pd.DataFrame:
         """Likelihood-ratio test against a nested (restricted) fit, gene by gene.
 
