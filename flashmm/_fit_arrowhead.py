@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._fit_theta import ThetaCriterion, _logdet_pd, _spd_inv, _sym, working_set_floats
+from ._fit_theta import ThetaCriterion, ThetaGLS, _logdet_pd, _spd_inv, _sym, working_set_floats
 from ._fit_vc import VCBlockCriterion, _Eval
 
 __all__ = ["ArrowheadCriterion", "arrowhead_applies", "specialise"]
@@ -138,6 +138,31 @@ class _Blocks:
 
 
 @dataclass
+class _GLSCore:
+    """The GLS at ``theta`` in closed form, for a chunk of genes."""
+
+    ar: _Arrow
+    bl: _Blocks
+    zy0: np.ndarray       # (G, m)
+    zyc: np.ndarray       # (G, m, c)
+    ae: np.ndarray        # (G, m, c)  a e
+    wzy: np.ndarray       # (G, m)     v'Z'y
+    ut: np.ndarray        # (G, m, p)  v'Z'X
+    XVX: np.ndarray
+    XVy: np.ndarray
+    C: np.ndarray
+    b: np.ndarray
+
+    def residual(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``r = Z'(y - X b)`` in the block layout (slot 0, children) and ``v'r``."""
+        ar = self.ar
+        m, c, p = ar.ZXc.shape
+        r0 = self.zy0 - self.b @ ar.ZX0.T
+        rc = self.zyc - (self.b @ ar.ZXc.reshape(m * c, p).T).reshape(-1, m, c)
+        return r0, rc, r0 - np.sum(self.ae * rc, axis=2)
+
+
+@dataclass
 class ArrowheadCriterion(VCBlockCriterion):
     """:class:`~flashmm._fit_vc.VCBlockCriterion` with the block algebra in closed form."""
 
@@ -174,19 +199,8 @@ class ArrowheadCriterion(VCBlockCriterion):
         ar = self.arrow
         G = theta.shape[0]
         m, c, p = ar.ZXc.shape
-        bl = self._blocks(theta)
-        zy = self.ZY[idx][:, self.st.slot_cols.ravel()].reshape(G, m, c + 1)
-        zy = zy * (self.st.slot_cols >= 0)
-        zy0, zyc = zy[..., 0], zy[..., 1:]
-        ae = ar.a * bl.e
-        wzy = zy0 - np.sum(ae * zyc, axis=2)                            # v'Z'y per block
-        ut = ar.ZX0 - _bmat(ae, ar.ZXc)                                 # v'Z'X per block
-        XVX = _sym(self.XX - (bl.e.reshape(G, m * c) @ ar.P2c).reshape(G, p, p)
-                   - _gram(ut, bl.h))
-        XVy = (self.XY[idx] - (bl.e * zyc).reshape(G, m * c) @ ar.ZXc.reshape(m * c, p)
-               - np.einsum("gm,gmp->gp", bl.h * wzy, ut))
-        C = _spd_inv(XVX)
-        b = np.einsum("gij,gj->gi", C, XVy)
+        g = self._gls_core(theta, idx)
+        bl, zyc, wzy, ut, XVX, XVy, C, b = g.bl, g.zyc, g.wzy, g.ut, g.XVX, g.XVy, g.C, g.b
         S = (self.yy[idx] - np.sum(bl.e * zyc * zyc, axis=(1, 2)) - np.sum(bl.h * wzy * wzy, axis=1)
              - np.sum(XVy * b, axis=1))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -195,9 +209,7 @@ class ArrowheadCriterion(VCBlockCriterion):
         out = _Eval(S, logdet)
         if order == 0:
             return out
-        r0 = zy0 - b @ ar.ZX0.T
-        rc = zyc - (b @ ar.ZXc.reshape(m * c, p).T).reshape(G, m, c)
-        rt = r0 - np.sum(ae * rc, axis=2)
+        r0, rc, rt = g.residual()
         a0 = rt / bl.sigma                                              # Z'V^-1 (y - X b)
         ac = (rc - (bl.h * rt)[..., None] * ar.a) * bl.inv_delta
         w = ar.a * bl.inv_delta                                         # K_0l (1 - h rho)^-1
@@ -222,6 +234,65 @@ class ArrowheadCriterion(VCBlockCriterion):
         if self.reml:
             F0l = (ZCu - ha * uCu[..., None]) * bl.inv_delta / bl.sigma[..., None]
             out.d2L += self._l_hessian_reml(bl, w, Kd0, Kdc, ecd0, ecdc, F0l, ut, C)
+        return out
+
+    def _gls_core(self, theta: np.ndarray, idx: np.ndarray) -> _GLSCore:
+        """The block quantities, ``X'V^-1X``, ``X'V^-1y`` and the GLS estimate for genes ``idx``."""
+        ar = self.arrow
+        G = theta.shape[0]
+        m, c, p = ar.ZXc.shape
+        bl = self._blocks(theta)
+        zy = self.ZY[idx][:, self.st.slot_cols.ravel()].reshape(G, m, c + 1)
+        zy = zy * (self.st.slot_cols >= 0)
+        zy0, zyc = zy[..., 0], zy[..., 1:]
+        ae = ar.a * bl.e
+        wzy = zy0 - np.sum(ae * zyc, axis=2)                            # v'Z'y per block
+        ut = ar.ZX0 - _bmat(ae, ar.ZXc)                                 # v'Z'X per block
+        XVX = _sym(self.XX - (bl.e.reshape(G, m * c) @ ar.P2c).reshape(G, p, p)
+                   - _gram(ut, bl.h))
+        XVy = (self.XY[idx] - (bl.e * zyc).reshape(G, m * c) @ ar.ZXc.reshape(m * c, p)
+               - np.einsum("gm,gmp->gp", bl.h * wzy, ut))
+        C = _spd_inv(XVX)
+        b = np.einsum("gij,gj->gi", C, XVy)
+        return _GLSCore(ar, bl, zy0, zyc, ae, wzy, ut, XVX, XVy, C, b)
+
+    def gls_closed_form(self, theta: np.ndarray) -> ThetaGLS:
+        """:func:`~flashmm._fit_theta.gls_theta` in closed form: ``b``, ``C``, ``N r`` and ``diag N``."""
+        G, p, q = theta.shape[0], self.XX.shape[0], self.st.q
+        out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
+        for idx in self.chunks():
+            g = self._gls_core(theta[idx], idx)
+            bl, ae = g.bl, g.ae
+            _, rc, rt = g.residual()
+            hrt = bl.h * rt
+            blup = np.concatenate([hrt[..., None], bl.e * rc - hrt[..., None] * ae], axis=2)
+            cv = np.concatenate([bl.h[..., None], bl.e + bl.h[..., None] * ae * ae], axis=2)
+            out.fe_params[idx], out.cov_unscaled[idx] = g.b, g.C
+            out.blup_unscaled[idx] = self.zz.join(blup, np.zeros((len(idx), 0)))
+            out.condvar_unscaled[idx] = self.zz.join(cv, np.zeros((len(idx), 0)))
+        return out
+
+    def contrast_variance_gradient(self, theta: np.ndarray, scale: np.ndarray, Wc: np.ndarray
+                                   ) -> np.ndarray:
+        """``dv/dtheta`` (G, r, t) of ``v = s c'Cc`` for the rows ``Wc = C c`` (G, r, p).
+
+        ``dv/dg_j = s sum_{k in j} (E_k'C c)^2`` (``E = Z'V^-1X``), then ``2 theta_j`` of it.
+        """
+        ar = self.arrow
+        m, c, p = ar.ZXc.shape
+        G, r = Wc.shape[:2]
+        out = np.empty((G, r, theta.shape[1]))
+        for idx in self.chunks():
+            bl = self._blocks(theta[idx])
+            ut = ar.ZX0 - _bmat(ar.a * bl.e, ar.ZXc)
+            W = Wc[idx]
+            uW = ut @ np.swapaxes(W, 1, 2)                                # (g, m, r)
+            ZW = (ar.ZXc.reshape(m * c, p) @ np.swapaxes(W, 1, 2)).reshape(len(idx), m, c, r)
+            E0 = uW / bl.sigma[..., None]
+            Ec = (ZW - (bl.h[..., None] * ar.a)[..., None] * uW[:, :, None, :]) * bl.inv_delta[..., None]
+            dg = (np.einsum("gmr,t->grt", E0 * E0, ar.pos[0])
+                  + np.einsum("gmcr,ct->grt", Ec * Ec, ar.pos[1:]))
+            out[idx] = 2.0 * theta[idx][:, None, :] * scale[idx, None, None] * dg
         return out
 
     # ------------------------------------------------------------ the sums

@@ -728,6 +728,8 @@ def gls_theta(crit: ThetaCriterion, theta: np.ndarray) -> ThetaGLS:
     ``crit`` must be built on unscaled statistics (``c = 1``).  Block by block:
     linear in the number of groups.
     """
+    if hasattr(crit, "gls_closed_form"):            # arrowhead blocks
+        return crit.gls_closed_form(theta)
     G, p, q = theta.shape[0], crit.XX.shape[0], crit.st.q
     out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
     for idx in crit.chunks():
@@ -834,8 +836,10 @@ def satterthwaite_theta(crit: ThetaCriterion, theta: np.ndarray, scale: np.ndarr
     v = scale[:, None] * np.einsum("grb,grb->gr", Lg, Wc)
     grad = np.empty(v.shape + (t + 1,))
     grad[..., t] = 2.0 * v / sigma[:, None]
+    if hasattr(crit, "contrast_variance_gradient"):  # arrowhead blocks
+        grad[..., :t] = crit.contrast_variance_gradient(theta, scale, Wc)
     zz = crit.zz
-    for idx in crit.chunks():
+    for idx in ([] if hasattr(crit, "contrast_variance_gradient") else crit.chunks()):
         lam = crit.st.lam(theta[idx])
         fac = MFactor.build(zz, lam)
         m, s, p = zz.ZX1.shape

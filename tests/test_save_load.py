@@ -61,7 +61,7 @@ def _same(a, b) -> bool:  # noqa: ANN001
 
 
 def assert_same_results(r1, r2, data: pd.DataFrame) -> None:  # noqa: ANN001
-    """Every table, test, summary and prediction of r2 equals r1's exactly."""
+    """Every table, test, ANOVA, mean, summary and prediction of r2 equals r1's exactly."""
     assert type(r1) is type(r2)
     assert list(r1.gene_names) == list(r2.gene_names)
     for name in TABLES:
@@ -79,6 +79,11 @@ def assert_same_results(r1, r2, data: pd.DataFrame) -> None:  # noqa: ANN001
                                   r2.t_test(contrast).summary_frame())
     pd.testing.assert_frame_equal(r1.wald_test(["x", "trt[T.B]"]), r2.wald_test(["x", "trt[T.B]"]))
     assert str(r1.summary()) == str(r2.summary())
+    for kind in (1, 2, 3):
+        pd.testing.assert_frame_equal(r1.anova(type=kind), r2.anova(type=kind))
+    pd.testing.assert_frame_equal(r1.ls_means("trt"), r2.ls_means("trt"))
+    pd.testing.assert_frame_equal(r1.ls_means("trt", pairwise=True),
+                                  r2.ls_means("trt", pairwise=True))
     for g in (1, r1.gene_names[3]):
         assert str(r1.gene(g).summary()) == str(r2.gene(g).summary())
         assert _same(r1.gene(g).params, r2.gene(g).params)
