@@ -97,11 +97,6 @@ def arrowhead_applies(crit: ThetaCriterion) -> bool:
             and not np.any(_position_parameters(st.slot_theta) == -2))
 
 
-#: (genes x blocks x slots) per evaluation chunk: the block vectors stay in a core's cache
-#: (measured: 16 genes of 259 x 6 slots evaluate 1.5x faster per gene than 64 or 256).
-CACHE_SLOTS = 32_768
-
-
 def _arrow_floats(m: int, s: int, p: int) -> int:
     """float64 values one gene holds during an evaluation: vectors over (blocks, slots)
     and (blocks, p), and the p x p matrices per parameter."""
@@ -173,8 +168,7 @@ class ArrowheadCriterion(VCBlockCriterion):
         """The arrowhead criterion of the same genes and statistics."""
         base = VCBlockCriterion.of(crit)
         m, s, p = crit.st.n_groups, crit.st.block_size, crit.XX.shape[0]
-        fits = crit._chunk_size() * working_set_floats(crit.st, p) // _arrow_floats(m, s, p)
-        chunk = max(1, min(fits, CACHE_SLOTS // (m * s)))
+        chunk = max(1, crit._chunk_size() * working_set_floats(crit.st, p) // _arrow_floats(m, s, p))
         return cls(base.st, base.zz, base.XX, base.XY, base.ZY, base.yy, base.n, base.reml,
                    chunk, base.shared, _Arrow.of(crit))
 

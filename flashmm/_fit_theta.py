@@ -51,6 +51,7 @@ canonical afterwards, see :func:`_newton_canonical`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ._memory import MemoryBudget
 from ._newton import projected_newton
@@ -72,6 +74,7 @@ __all__ = [
     "ThetaGLS",
     "theta_structure",
     "minimise_theta",
+    "over_gene_parts",
     "gls_theta",
     "condcov_groups",
     "satterthwaite_theta",
@@ -531,6 +534,24 @@ class ThetaFitResult:
     n_iter: np.ndarray
 
 
+def over_gene_parts(fn: Any, genes: np.ndarray, workers: int | None) -> Any:
+    """``fn(part)`` for contiguous parts of ``genes`` on ``workers`` threads, concatenated
+    (arrays along the genes; a dataclass of such arrays field by field).
+
+    Each thread uses one BLAS thread (see :func:`minimise_theta`); the memory
+    budget already sized the chunks for ``workers`` evaluations at once.
+    """
+    parts = [p for p in np.array_split(genes, max(1, workers or os.cpu_count() or 1)) if p.size]
+    if len(parts) <= 1:
+        return fn(genes)
+    with threadpool_limits(1), ThreadPoolExecutor(len(parts)) as pool:
+        outs = list(pool.map(fn, parts))
+    if dataclasses.is_dataclass(outs[0]):
+        return type(outs[0])(*(np.concatenate([getattr(o, f.name) for o in outs], axis=0)
+                               for f in dataclasses.fields(outs[0])))
+    return np.concatenate(outs, axis=0)
+
+
 def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
                    start_theta: np.ndarray | None = None,
                    rescue_starts: tuple[float, ...] = (0.2, 5.0),
@@ -553,7 +574,9 @@ def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
 
     workers = min(len(blocks), n_jobs or os.cpu_count() or 1)
     if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
+        # one BLAS thread per worker: the products are small, and BLAS threads on top of
+        # the workers oversubscribe the cores (measured: twice the CPU time, no gain)
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
             parts = list(pool.map(run, blocks))
     else:
         parts = [run(idx) for idx in blocks]
@@ -652,14 +675,16 @@ def _escape_boundary(crit: ThetaCriterion, res: ThetaFitResult, tol: float, maxi
     With a diagonal ``T`` the criterion is even in every ``theta_j``, so its
     gradient vanishes at ``theta_j = 0`` even when 0 is a local maximum in
     that direction; Newton cannot leave such a point by itself.  For every
-    gene with a bounded parameter at 0, the criterion is evaluated with that
+    gene with a bounded parameter at 0 along which the criterion decreases
+    (:func:`_inward_descent`: its slope in the variance, not in theta, is
+    negative), the criterion is evaluated with that
     parameter set to 1e-5, 1e-4, ..., 0.5, 1 and 2 (theta is a ratio of
     standard deviations, so these are scale-free); Newton restarts from the best point
     if it is lower, and the result is kept only if it improves the criterion.
     """
     bounded = np.flatnonzero(crit.st.bounded)
     for _ in range(rounds):
-        at0 = res.theta[:, bounded] <= 1e-6
+        at0 = _inward_descent(crit, res.theta, bounded)
         genes = np.flatnonzero(at0.any(axis=1))
         if genes.size == 0:
             break
@@ -693,6 +718,28 @@ def _escape_boundary(crit: ThetaCriterion, res: ThetaFitResult, tol: float, maxi
         if not take.any():
             break
     return res
+
+
+def _inward_descent(crit: ThetaCriterion, theta: np.ndarray, bounded: np.ndarray,
+                    eps: float = 1e-4) -> np.ndarray:
+    """Mask (G, len(bounded)) of bounded parameters at 0 along which the criterion decreases.
+
+    At ``theta_j = 0`` the criterion's slope in ``theta_j`` vanishes, but its
+    slope in ``g_j = theta_j^2`` does not: the gradient at ``theta_j = eps`` is
+    ``2 eps df/dg_j`` to ``O(eps^3)``.  A negative one makes 0 a saddle point
+    or a maximum in that direction; a non-negative one satisfies the optimality
+    condition of the bound (a minimum in that direction), which needs no search.
+    """
+    at0 = theta[:, bounded] <= 1e-6
+    genes = np.flatnonzero(at0.any(axis=1))
+    if genes.size == 0:
+        return at0
+    trial = theta[genes].copy()
+    trial[:, bounded] = np.where(at0[genes], eps, trial[:, bounded])
+    _, grad = crit.subset(genes).gradient(trial)
+    out = np.zeros_like(at0)
+    out[genes] = at0[genes] & ~(grad[:, bounded] >= 0.0)          # NaN: search
+    return out
 
 
 def _newton_canonical(crit: ThetaCriterion, theta: np.ndarray, tol: float, maxiter: int

@@ -35,6 +35,7 @@ from ._fit_theta import (
     free_parameters,
     gls_theta,
     minimise_theta,
+    over_gene_parts,
     satterthwaite_theta,
     varpar_covariance,
     varpar_information,
@@ -80,6 +81,7 @@ class ThetaEngineFit(EngineFit):
     structure: ThetaStructure | None = None
     criterion: ThetaCriterion | None = None     # on genes divided by gene_scale
     gene_scale: np.ndarray | None = None        # c = sqrt(yy / n) per gene
+    workers: int | None = None                  # threads for the per-gene inference
 
 
 def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
@@ -137,7 +139,7 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
     fit = ThetaEngineFit(ratios=ratios, scale=scale, llf=llf, converged=converged,
                          n_iter=n_iter, status=status.astype(str), reml=reml,
                          method="theta-newton", theta=theta, structure=st, criterion=crit,
-                         gene_scale=c)
+                         gene_scale=c, workers=workers)
     return RandomSlopesResults(model, fit, df_method=df_method)
 
 
@@ -304,10 +306,15 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         """Residual variance of every gene divided by ``c**2`` (see :attr:`_crit`)."""
         return self._fit.scale / self._c ** 2
 
+    def _in_parts(self, fn: Any, genes: np.ndarray) -> Any:
+        """``fn`` over parts of ``genes`` on the fit's threads (arrays or a ThetaGLS)."""
+        return over_gene_parts(fn, genes, getattr(self._fit, "workers", None))
+
     @cached_property
     def _gls(self) -> ThetaGLS:
         theta = np.where(self._usable[:, None], self._fit.theta, 0.0)
-        est = gls_theta(self._crit, theta)           # y / c: scale b and BLUPs back
+        est = self._in_parts(lambda part: gls_theta(self._crit.subset(part), theta[part]),
+                             np.arange(self.n_genes))  # y / c: scale b and BLUPs back
         est.fe_params *= self._c[:, None]
         est.blup_unscaled *= self._c[:, None]
         bad = ~self._usable
@@ -342,8 +349,9 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         out = np.full((self.n_genes, t + 1, t + 1), np.nan)
         ok = np.flatnonzero(self._usable)
         if ok.size:
-            out[ok] = varpar_information(self._crit.subset(ok), self._fit.theta[ok],
-                                         np.sqrt(self._scale_per_unit[ok]))
+            sigma = np.sqrt(self._scale_per_unit)
+            out[ok] = self._in_parts(lambda part: varpar_information(
+                self._crit.subset(part), self._fit.theta[part], sigma[part]), ok)
         return out
 
     @cached_property
@@ -355,10 +363,10 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         out = np.full((self.n_genes, L.shape[-2]), np.nan)
         ok = np.flatnonzero(self._usable)
         if ok.size:
-            Lb = L if L.ndim == 2 else L[ok]
-            out[ok] = satterthwaite_theta(self._crit.subset(ok), self._fit.theta[ok],
-                                          self._scale_per_unit[ok], self._gls.cov_unscaled[ok],
-                                          Lb, self._info[ok])
+            cov, info, scale = self._gls.cov_unscaled, self._info, self._scale_per_unit
+            out[ok] = self._in_parts(lambda part: satterthwaite_theta(
+                self._crit.subset(part), self._fit.theta[part], scale[part], cov[part],
+                L if L.ndim == 2 else L[part], info[part]), ok)
         return out
 
     def contrast_df(self, L: np.ndarray, df_method: str | None = None) -> np.ndarray:
