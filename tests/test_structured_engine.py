@@ -287,3 +287,37 @@ def test_arrowhead_gls_and_satterthwaite_match_the_general_path() -> None:
     df_ref = satterthwaite_theta(general, theta, scale, ref.cov_unscaled, L, info)
     df_got = satterthwaite_theta(closed, theta, scale, ref.cov_unscaled, L, info)
     np.testing.assert_allclose(df_got, df_ref, rtol=1e-10)
+
+
+def test_boundary_check_flags_descent_directions_only() -> None:
+    """``_inward_descent``: a variance set to 0 away from its optimum is flagged; a fitted 0 is not.
+
+    Genes whose donor-by-cell-type variance is clearly positive are moved to
+    ``theta_dct = 0``: the criterion decreases inwards there, so the check must
+    flag them (and the line search finds a lower criterion).  Genes the fit put on
+    the boundary satisfy the bound's optimality condition and must not be flagged.
+    """
+    from flashmm._fit_arrowhead import specialise
+    from flashmm._fit_theta import ThetaCriterion, _inward_descent
+    from flashmm._structure import analyse_structure
+
+    data, Y = _cells(seed=11, donors=12)
+    rng = np.random.default_rng(0)
+    Y = np.column_stack([Y, rng.normal(size=(len(data), 4))])      # no donor variation at all
+    model = MultiGeneMixedLM.from_formula(FORMULA, data, endog=Y, groups="donor", re_formula="1",
+                                          vc_formula={"dct": "0 + C(ct)"})
+    res = model.fit()
+    stats = model.stats
+    st = analyse_structure(stats.components, stats.ZZ)
+    crit = specialise(ThetaCriterion.from_stats(stats, st, True, res._c))
+    theta = res._fit.theta
+    bounded = np.flatnonzero(st.bounded)
+    fitted0 = theta[:, bounded] == 0.0
+    assert fitted0.any()                                   # the pure-noise genes hit the bound
+    assert not _inward_descent(crit, theta, bounded)[fitted0].any()
+    inner = np.flatnonzero(theta[:, 1] > 0.2)
+    assert inner.size
+    moved = theta[inner].copy()
+    moved[:, 1] = 0.0
+    flags = _inward_descent(crit.subset(inner), moved, bounded)
+    assert flags[:, list(bounded).index(1)].all()
