@@ -43,12 +43,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
+from scipy import stats as sps
 
+from ._engine import _gene_scale
 from ._fit_eigen import EigenCriterion, fit_ratio_eigen
 from ._fit_theta import ThetaCriterion, minimise_theta
 from ._fit_vc import specialise
 from ._newton import projected_newton
 from ._reduce import reduce_stats
+from ._structure import analyse_structure
 
 __all__ = ["ProfileIntervals", "profile_eigen", "profile_theta", "wald_intervals",
            "ProfileNotImplemented"]
@@ -622,8 +626,8 @@ class ThetaProfile:
         return L + m * np.log(S / m) + m, np.column_stack([theta, np.sqrt(S / m)])
 
 
-def profile_theta(stats: Any, structure: Any, theta: np.ndarray, fit_reml: bool, reml: bool,
-                  z: float, usable: np.ndarray, gene_scale: np.ndarray, budget: Any = None
+def profile_theta(stats: Any, structure: Any, theta: np.ndarray | None, reml: bool, z: float,
+                  usable: np.ndarray, gene_scale: np.ndarray, budget: Any = None
                   ) -> ProfileIntervals:
     """Profile intervals of a several-component model (component sds, residual sigma).
 
@@ -633,10 +637,11 @@ def profile_theta(stats: Any, structure: Any, theta: np.ndarray, fit_reml: bool,
     structure : ThetaStructure
         The fit's block layout; every ``theta`` must be bounded (a standard-deviation
         ratio): variance components and independent random slopes.
-    theta : ndarray (G, t)
-        The fit's ``theta`` (reused when ``reml == fit_reml``, else refitted).
-    fit_reml, reml : bool
-        How the model was fitted, and which criterion to profile.
+    theta : ndarray (G, t) or None
+        The optimum of the profiled criterion (the fit's ``theta`` when it was
+        fitted with this criterion); None: found here.
+    reml : bool
+        Profile the REML criterion (else the ML deviance, as lme4).
     z : float
         ``qnorm(1 - alpha / 2)``.
     usable : ndarray of bool (G,)
@@ -652,10 +657,13 @@ def profile_theta(stats: Any, structure: Any, theta: np.ndarray, fit_reml: bool,
             "fit with independent_re=True, or use method='wald'.")
     c = gene_scale
     crit = specialise(ThetaCriterion.from_stats(stats, structure, reml, c, budget))
+    if theta is None:
+        theta = np.full((usable.size, structure.n_theta), np.nan)
+        idx = np.flatnonzero(usable)
+        if idx.size:
+            theta[idx] = minimise_theta(crit.subset(idx), tol=1e-12).theta
     ok = np.flatnonzero(usable & np.all(np.isfinite(theta), axis=1))
     th = np.where(usable[:, None] & np.isfinite(theta), theta, 0.0)
-    if reml != fit_reml and ok.size:
-        th[ok] = minimise_theta(crit.subset(ok), tol=1e-12).theta
     m = crit.m
     S, L, _, _ = crit.parts(th, grad=False)
     s = S / m
@@ -689,3 +697,93 @@ def wald_intervals(variances: np.ndarray, se: np.ndarray, z: float, scale: str
     with np.errstate(divide="ignore", invalid="ignore"):
         se_sd = np.where(sd > 0, se / (2.0 * sd), np.nan)
     return sd, sd - z * se_sd, sd + z * se_sd
+
+
+# ----------------------------------------------------------- results table
+_METHODS = ("profile", "wald")
+_SCALES = ("sd", "var")
+_LIKELIHOODS = ("ML", "REML")
+
+
+def _check_options(alpha: float, method: str, scale: str, likelihood: str) -> str:
+    """Validate the options of :func:`conf_int_re`; returns the likelihood in upper case."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}.")
+    lik = str(likelihood).upper()
+    if lik not in _LIKELIHOODS:
+        raise ValueError(f"likelihood must be 'ML' or 'REML', got {likelihood!r}.")
+    return lik
+
+
+def re_parameter_names(results: Any) -> list[str]:
+    """Names of the random-effect standard deviations, in ``theta`` order.
+
+    The variances of correlated or independent random slopes (``exog_re``) by
+    their effect names, then the variance components; the residual is
+    ``"residual"``.
+    """
+    st = getattr(results._fit, "structure", None)
+    if st is None:
+        return list(results.component_names)
+    names = list(getattr(results, "exog_re_names", []))
+    return [names[a] for a, b in st.re_pairs if a == b] + list(results.component_names)
+
+
+def _profile_arrays(results: Any, reml: bool, z: float) -> ProfileIntervals:
+    """Dispatch to the eigen path (one component) or the theta path."""
+    fit, stats = results._fit, results.stats
+    usable = np.asarray(results._usable)
+    if np.any(np.isinf(fit.ratios) & usable[:, None]):     # h2 = 1: no residual variance
+        usable = usable & ~np.any(np.isinf(fit.ratios), axis=1)
+    st = getattr(fit, "structure", None)
+    if st is None and len(stats.components) == 1:
+        return profile_eigen(stats, reml, z, usable, _gene_scale(stats))
+    if st is None:                                          # FLASHMM's scoring fit
+        st = analyse_structure(stats.components, stats.ZZ)
+    theta = fit.theta if getattr(fit, "theta", None) is not None and fit.reml == reml else None
+    c = fit.gene_scale if getattr(fit, "gene_scale", None) is not None else _gene_scale(stats)
+    return profile_theta(stats, st, theta, reml, z, usable, c)
+
+
+def _wald_arrays(results: Any, names: list[str], z: float, scale: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Wald intervals from the fit's variances and :attr:`se_vcomp`."""
+    comps = list(results.component_names)
+    slopes = names[:len(names) - len(comps)]
+    var = [results.cov_re[f"{n} Var"].to_numpy() for n in slopes]
+    var += [results.vcomp[c].to_numpy() for c in comps] + [results.scale.to_numpy()]
+    se_tab = results.se_vcomp
+    se = [se_tab[f"{n} Var"].to_numpy() for n in slopes]
+    se += [se_tab[c].to_numpy() for c in comps] + [se_tab["residual"].to_numpy()]
+    return wald_intervals(np.column_stack(var), np.column_stack(se), z, scale)
+
+
+def conf_int_re(results: Any, alpha: float = 0.05, method: str = "profile", scale: str = "sd",
+                likelihood: str = "ML") -> pd.DataFrame:
+    """Confidence intervals of the variance parameters (see ``MultiGeneMixedLMResults.conf_int_re``).
+
+    Returns a tidy DataFrame with columns ``gene, parameter, estimate, lower,
+    upper``, one row per gene and parameter.
+    """
+    reml = _check_options(alpha, method, scale, likelihood) == "REML"
+    z = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    names = re_parameter_names(results) + ["residual"]
+    if method == "wald":
+        est, lo, hi = _wald_arrays(results, names[:-1], z, scale)
+    else:
+        out = _profile_arrays(results, reml, z)
+        est, lo, hi = out.estimate, out.lower, out.upper
+        if scale == "var":
+            est, lo, hi = est ** 2, lo ** 2, hi ** 2
+    G, P = est.shape
+    return pd.DataFrame({
+        "gene": np.repeat(np.asarray(results.gene_names), P),
+        "parameter": np.tile(names, G),
+        "estimate": est.ravel(),
+        "lower": lo.ravel(),
+        "upper": hi.ravel(),
+    })

@@ -374,6 +374,55 @@ class MultiGeneMixedLMResults:
             "upper": (b + crit * se).ravel(),
         })
 
+    def conf_int_re(self, alpha: float = 0.05, method: str = "profile", scale: str = "sd",
+                    likelihood: str = "ML") -> pd.DataFrame:
+        """Confidence intervals of the variance parameters, one tidy row per gene and parameter.
+
+        Profile-likelihood intervals as lme4's ``confint(fit, method = "profile")``
+        for the standard deviation of every random effect and the residual
+        sigma (lme4's ``.sig01, ..., .sigma``), computed for all genes at once;
+        or the cheap Wald intervals. See ``docs/guide/inference.rst``.
+
+        Parameters
+        ----------
+        alpha : float
+            The intervals have coverage ``1 - alpha``.
+        method : {"profile", "wald"}
+            ``"profile"``: where the signed root of the profiled deviance,
+            ``sign(x - x_hat) sqrt(D(x) - D_hat)``, equals ``-+ qnorm(1 - alpha / 2)``,
+            the other variance parameters re-optimised at every point; the lower
+            limit of a standard deviation is 0 when the profile does not reach the
+            cutoff at 0 (always for an estimate at the boundary).  ``"wald"``:
+            ``estimate -+ z se`` from :attr:`se_vcomp` (delta method for the sd
+            scale), symmetric, not truncated at 0 and NaN at the boundary.
+        scale : {"sd", "var"}
+            Standard deviations (lme4's scale) or variances (profile limits squared).
+        likelihood : {"ML", "REML"}
+            The criterion profiled.  ``"ML"`` (default) is lme4's convention: its
+            profile refits a REML fit by ML, so the intervals surround the ML
+            estimates.  ``"REML"`` profiles the REML criterion instead.  Wald
+            intervals always use the fit's own estimates.
+
+        Returns
+        -------
+        DataFrame
+            Columns ``gene, parameter, estimate, lower, upper``; ``parameter``
+            names the random effects as :attr:`vcomp` (or the ``exog_re`` effects)
+            and ``"residual"`` the residual; ``estimate`` is the optimum of the
+            profiled criterion (``method="profile"``) or the fit's estimate.
+            NaN for genes that were not fitted; an upper limit the profile never
+            reaches is ``inf``.
+
+        Raises
+        ------
+        NotImplementedError
+            For ``method="profile"`` with correlated random effects (an
+            unstructured ``exog_re`` / ``re_formula`` covariance).
+        """
+        from ._profile import conf_int_re
+
+        return conf_int_re(self, alpha, method, scale, likelihood)
+
     # ------------------------------------------------------------- tests
     def t_test(self, contrast: Any, alternative: str = "two-sided",
                df_method: str | None = None) -> MultiGeneContrastResults:
