@@ -418,7 +418,7 @@ def profile_eigen(stats: Any, reml: bool, z: float, usable: np.ndarray, gene_sca
     g = fit.g[:, 0]
     good = usable & np.isfinite(g) & fit.converged
     gs = np.where(good, g, 0.0)
-    s = crit.S(gs) / m
+    s = np.where(good, crit.S(gs) / m, 1.0)
     base = np.sum(np.log1p(gs[:, None] * crit.det_eigs), axis=1) + m * np.log(s) + m
     base = np.where(good, base, np.nan)
     est = np.column_stack([np.sqrt(gs * s), np.sqrt(s)])

@@ -5,19 +5,24 @@ README): for every model and gene, lme4's ``confint(profile(fit))`` and the exac
 roots of the same profiled deviance found in R by a tight inner optimiser and
 ``uniroot`` (and the exact roots of the profiled REML criterion).
 
-Tolerances.  flashmm finds the roots of the profile itself, so it is compared
-with the exact roots at 1e-7 of the gene's largest standard deviation (both
-sides solve the same equation with inner optimisers converged far below that;
-the observed differences are about 1e-11).  lme4's ``confint`` interpolates a
-spline through about 20 profile points: its error, measured against the exact
-roots, is at most 4.5e-5 of the gene's largest standard deviation where the
-spline was used (2.4e-6 on sleepstudy, 2.4e-5 on Penicillin, 4.5e-5 on the
-simulated genes; relative to a small limit itself it reaches 6.5e-4), so
-flashmm must agree with it to 1e-4 of the gene's largest standard deviation
-(the test also checks that lme4's own error stays below half of that).  Where
-lme4 fell back to linear interpolation (boundary genes, whose profile is flat
-at 0; flagged in the reference) its error reaches 5e-3 relative; there flashmm
-must be no farther from lme4 than the exact root is (plus 1e-7).
+Tolerances.  flashmm finds the roots of the profile itself, so its limits are
+compared with the exact roots at 1e-7 of the gene's largest standard deviation
+(both sides solve the same equation with inner optimisers converged far below
+that; the observed differences are about 1e-11).  The estimates are compared at
+1e-6: an optimum is determined only to about the square root of the criterion's
+tolerance where the likelihood is flat (Penicillin's six samples by REML differ
+by 1.5e-7), while a limit, where the profile is steep, is not.
+
+lme4's ``confint`` interpolates a spline through about 20 profile points of its
+own ML refit.  Measured against the exact roots, its error for parameters off
+the boundary is at most 4.5e-5 of the gene's largest standard deviation (1.5e-6
+and 2.4e-6 on sleepstudy, 2.4e-5 on Penicillin, 1.7e-5 and 4.5e-5 on the
+simulated genes; relative to a small limit itself it reaches 1e-3), so flashmm
+must agree with it to 1e-4 of the gene's largest standard deviation there.  For
+a parameter at the boundary, and where lme4 fell back to linear interpolation
+(flagged in the reference), its error reaches 4.5e-4 of the gene's largest sd
+(4e-3 of the limit); there flashmm must be no farther from lme4 than the exact
+root is (plus 1e-7).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ SIM_GENES = [f"g{i:02d}" for i in range(1, 7)]
 
 #: against the exact roots of the same profile, relative to the gene's largest sd
 EXACT_RTOL = 1e-7
+#: the estimates (optima of flat criteria), relative to the gene's largest sd
+ESTIMATE_RTOL = 1e-6
 #: against lme4's spline interpolation of its profile (relative to the gene's largest sd)
 LME4_RTOL = 1e-4
 
@@ -107,7 +114,7 @@ def test_exact_profile_roots(datasets: dict, model: str, likelihood: str) -> Non
         part = ref[np.isclose(ref["level"], level)]
         m = _merge(res.conf_int_re(alpha=1 - level, likelihood=likelihood), part)
         tol = EXACT_RTOL * m["yard"]
-        assert np.all(np.abs(m["estimate"] - m["estimate_ref"]) <= tol)
+        assert np.all(np.abs(m["estimate"] - m["estimate_ref"]) <= ESTIMATE_RTOL * m["yard"])
         assert np.all(np.abs(m["lower"] - m["root_lower"]) <= tol)
         assert np.all(np.abs(m["upper"] - m["root_upper"]) <= tol)
 
@@ -120,13 +127,14 @@ def test_lme4_confint(datasets: dict, model: str) -> None:
     for level in (0.95, 0.8):
         part = ref[np.isclose(ref["level"], level)]
         m = _merge(res.conf_int_re(alpha=1 - level), part)
-        spline = m["lme4_spline"].astype(bool)
+        # lme4's spline, off the boundary
+        spline = m["lme4_spline"].astype(bool) & (m["estimate_ref"] > 1e-6 * m["yard"])
         for side in ("lower", "upper"):
             err = np.abs(m[side] - m[f"lme4_{side}"])
-            interp = np.abs(m[f"root_{side}"] - m[f"lme4_{side}"])
+            interp = np.abs(m[f"root_{side}"] - m[f"lme4_{side}"])     # lme4's own error
+            assert np.all(interp[spline] <= LME4_RTOL * m["yard"][spline])
             assert np.all(err[spline] <= LME4_RTOL * m["yard"][spline]), side
             assert np.all(err[~spline] <= interp[~spline] + EXACT_RTOL * m["yard"][~spline])
-            assert np.all(interp[spline] <= 0.5 * LME4_RTOL * m["yard"][spline])  # lme4's own
 
 
 def test_boundary_genes_have_lower_limit_zero(datasets: dict) -> None:
