@@ -213,3 +213,58 @@ def test_unfitted_gene_and_options(cells: pd.DataFrame) -> None:
     for bad in ({"alpha": 1.5}, {"method": "boot"}, {"scale": "log"}, {"likelihood": "x"}):
         with pytest.raises(ValueError):
             res.conf_int_re(**bad)
+
+
+def _dense_deviance(y: np.ndarray, X: np.ndarray, ZKZ: np.ndarray, sg: float, s: float,
+                    reml: bool) -> float:
+    """``-2 log L`` (up to a constant) of ``y ~ N(X b, sg ZKZ' + s I)``, b profiled."""
+    V = sg * ZKZ + s * np.eye(y.size)
+    Vi = np.linalg.inv(V)
+    XVX = X.T @ Vi @ X
+    b = np.linalg.solve(XVX, X.T @ Vi @ y)
+    r = y - X @ b
+    dev = np.linalg.slogdet(V)[1] + r @ Vi @ r
+    return dev + (np.linalg.slogdet(XVX)[1] if reml else 0.0)
+
+
+@pytest.mark.parametrize("reml", [False, True], ids=["ML", "REML"])
+def test_known_covariance_against_dense_profile(reml: bool) -> None:
+    """Kinship (group_cov): the limits solve the dense profiled deviance's equation."""
+    from scipy import optimize
+
+    rng = np.random.default_rng(7)
+    n_groups, per = 15, 3
+    A = rng.normal(size=(n_groups, n_groups))
+    K = A @ A.T / n_groups + 0.1 * np.eye(n_groups)
+    groups = np.repeat(np.arange(n_groups), per)
+    X = np.column_stack([np.ones(groups.size), rng.normal(size=groups.size)])
+    Lk = np.linalg.cholesky(K)
+    Y = np.column_stack([X @ [1.0, 0.5] + np.sqrt(h) * (Lk @ rng.normal(size=n_groups))[groups]
+                         + np.sqrt(1 - h) * rng.normal(size=groups.size) for h in (0.2, 0.6, 0.9)])
+    res = MultiGeneMixedLM(Y, X, groups=groups, group_cov=K).fit(reml=reml)
+    ci = res.conf_int_re(likelihood="REML" if reml else "ML")
+    Z = np.eye(n_groups)[groups]
+    ZKZ = Z @ K @ Z.T
+    z2 = 1.959963984540054 ** 2
+    for j, gene in enumerate(res.gene_names):
+        y = Y[:, j]
+        rows = ci[ci["gene"] == gene].set_index("parameter")
+        sd_hat, sig_hat = rows["estimate"]
+        base = _dense_deviance(y, X, ZKZ, sd_hat ** 2, sig_hat ** 2, reml)
+        for name, k in ((res.component_names[0], 0), ("residual", 1)):
+            for side in ("lower", "upper"):
+                x = rows.loc[name, side]
+                if x == 0.0:         # the profile at 0 stays within the cutoff
+                    continue
+
+                def held(logv: float, x: float = x, k: int = k, y: np.ndarray = y) -> float:
+                    other = np.exp(logv)
+                    sg, s = (x * x, other) if k == 0 else (other, x * x)
+                    return _dense_deviance(y, X, ZKZ, sg, s, reml)
+
+                centre = 2 * np.log(sig_hat if k == 0 else max(sd_hat, 1e-3 * sig_hat))
+                prof = optimize.minimize_scalar(held, bounds=(centre - 12, centre + 6),
+                                                method="bounded", options={"xatol": 1e-10}).fun
+                if k == 1:                                  # the component may be at 0
+                    prof = min(prof, _dense_deviance(y, X, ZKZ, 0.0, x * x, reml))
+                assert prof - base == pytest.approx(z2, abs=1e-6), (gene, name, side)
