@@ -34,7 +34,10 @@ genes together:
   previous point of the same gene, with the exact Hessian of
   :class:`flashmm._fit_vc.VCBlockCriterion` where it applies.
 
-Correlated random effects (lme4's correlation parameters) are not profiled.
+lme4's ``profile`` always profiles the ML deviance (it refits a REML fit by
+ML); :func:`conf_int_re` does the same by default and profiles the REML
+criterion on request.  Correlated random effects (lme4's correlation
+parameters) are not profiled (:class:`ProfileNotImplemented`).
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ from ._newton import projected_newton
 from ._reduce import reduce_stats
 from ._structure import analyse_structure
 
-__all__ = ["ProfileIntervals", "profile_eigen", "profile_theta", "wald_intervals",
-           "ProfileNotImplemented"]
+__all__ = ["ProfileIntervals", "ProfileNotImplemented", "conf_int_re", "profile_eigen",
+           "profile_limits", "profile_theta", "re_parameter_names", "wald_intervals"]
 
 #: Newton decrement at which the inner minimisations stop (``-2 log L`` scale).
 INNER_TOL = 1e-12
@@ -191,7 +194,6 @@ def _bracket_upper(problem: _Problem, j: int, r: _Rows, rows: np.ndarray, est: n
         r.a[rows[miss]], r.fa[rows[miss]] = x[~hit & np.isfinite(f)], f[~hit & np.isfinite(f)]
         step[miss] *= 2.0
         pending[idx[hit | ~np.isfinite(f)]] = False
-        r.root[rows[idx[~np.isfinite(f)]]] = np.nan
     r.root[rows[pending]] = np.inf
     _mark_done(r, rows)
 
@@ -278,10 +280,6 @@ class EigenProfile:
 
     crit: EigenCriterion
 
-    def _sub(self, genes: np.ndarray) -> EigenCriterion:
-        c = self.crit
-        return EigenCriterion(c.lam, c.w2[genes], c.yRy[genes], c.det_eigs, c.m)
-
     def initial_state(self, j: int, values: np.ndarray, genes: np.ndarray) -> np.ndarray:
         """The inner problem needs no start (an empty state)."""
         return np.empty((genes.size, 0))
@@ -289,7 +287,7 @@ class EigenProfile:
     def deviance(self, j: int, values: np.ndarray, genes: np.ndarray, state: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Profiled deviance at parameter ``j`` = ``values`` for the genes ``genes``."""
-        sub = self._sub(genes)
+        sub = _subset_eigen(self.crit, genes)
         v = values * values
         if j == 1:
             dev = sub.m * np.log(v) + _min_over_ratio(sub, _SigmaFixedRatio(v), allow_zero=True)
@@ -308,6 +306,7 @@ class EigenProfile:
 
 
 def _subset_eigen(c: EigenCriterion, rows: np.ndarray) -> EigenCriterion:
+    """The criterion of the rows ``rows`` (genes, possibly repeated)."""
     return EigenCriterion(c.lam, c.w2[rows], c.yRy[rows], c.det_eigs, c.m)
 
 
@@ -440,12 +439,6 @@ def _run(problem: _Problem, est: np.ndarray, base: np.ndarray, z: float, c: np.n
 
 
 # ------------------------------------------------------ several components
-def _gradient_parts(crit: ThetaCriterion, theta: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``S, L, dS, dL`` at ``theta`` (rows of genes)."""
-    S, L, dS, dL = crit.parts(theta, grad=True)
-    return S, L, dS, dL
-
-
 @dataclass
 class _TiedSigma:
     """``D`` with ``sd_j = c`` held: ``sigma = c / theta_j``, minimised over all of theta.
@@ -467,19 +460,26 @@ class _TiedSigma:
         return np.where(np.isfinite(f) & (S > 0), f, np.nan)
 
     def value(self, theta: np.ndarray) -> np.ndarray:
+        """``P`` per row (NaN where the criterion is not defined)."""
         S, L, _, _ = self.crit.parts(theta, grad=False)
         return self._combine(theta, S, L)
 
-    def gradient(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        S, L, dS, dL = _gradient_parts(self.crit, theta)
+    def _grad(self, theta: np.ndarray, S: np.ndarray, dS: np.ndarray, dL: np.ndarray
+              ) -> np.ndarray:
+        """``dP / dtheta`` from the gradients of ``S`` and ``L``."""
         j, m = self.j, self.crit.m
         tj = theta[:, j]
-        w = (tj * tj / self.c2)[:, None]
-        grad = dL + w * dS
+        grad = dL + (tj * tj / self.c2)[:, None] * dS
         grad[:, j] += -2.0 * m / tj + 2.0 * tj * S / self.c2
-        return self._combine(theta, S, L), grad
+        return grad
+
+    def gradient(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``P`` and its analytic gradient."""
+        S, L, dS, dL = self.crit.parts(theta, grad=True)
+        return self._combine(theta, S, L), self._grad(theta, S, dS, dL)
 
     def newton_terms(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``P``, gradient, Hessian (exact for block variance components, else differences)."""
         if not hasattr(self.crit, "theta_derivatives"):
             f, grad = self.gradient(theta)
             return f, grad, _fd_hessian(self.gradient, theta, grad)
@@ -487,10 +487,8 @@ class _TiedSigma:
         L = self.crit.parts(theta, grad=False)[1]
         j, m = self.j, self.crit.m
         tj, c2 = theta[:, j], self.c2
-        w = (tj * tj / c2)[:, None]
-        grad = dL + w * dS
-        grad[:, j] += -2.0 * m / tj + 2.0 * tj * S / c2
-        hess = d2L + w[:, :, None] * d2S
+        grad = self._grad(theta, S, dS, dL)
+        hess = d2L + (tj * tj / c2)[:, None, None] * d2S
         cross = (2.0 * tj / c2)[:, None] * dS
         hess[:, :, j] += cross
         hess[:, j, :] += cross
@@ -514,11 +512,12 @@ class _HeldSigma:
         return np.where(np.isfinite(f) & (S > 0), f, np.nan)
 
     def gradient(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        S, L, dS, dL = _gradient_parts(self.crit, theta)
+        S, L, dS, dL = self.crit.parts(theta, grad=True)
         f = L + self.crit.m * np.log(self.s) + S / self.s
         return np.where(np.isfinite(f) & (S > 0), f, np.nan), dL + dS / self.s[:, None]
 
     def newton_terms(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``P``, gradient, Hessian (exact for block variance components, else differences)."""
         if not hasattr(self.crit, "theta_derivatives"):
             f, grad = self.gradient(theta)
             return f, grad, _fd_hessian(self.gradient, theta, grad)
