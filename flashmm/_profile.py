@@ -32,7 +32,7 @@ genes together:
   inner problem is a Newton minimisation over ``theta`` with ``sigma`` tied to
   the profiled value (``sigma = c / theta_j``) or held at it, started from the
   previous point of the same gene, with the exact Hessian of
-  :class:`flashmm._fit_vc.VCBlockCriterion` where it applies.
+  :class:`flashmm._fit_vc.VCBlockCriterion` (and its arrowhead form) where it applies.
 
 lme4's ``profile`` always profiles the ML deviance (it refits a REML fit by
 ML); :func:`conf_int_re` does the same by default and profiles the REML
@@ -50,9 +50,9 @@ import pandas as pd
 from scipy import stats as sps
 
 from ._engine import _gene_scale
+from ._fit_arrowhead import specialise
 from ._fit_eigen import EigenCriterion, fit_ratio_eigen
 from ._fit_theta import ThetaCriterion, minimise_theta
-from ._fit_vc import specialise
 from ._newton import projected_newton
 from ._reduce import reduce_stats
 from ._structure import analyse_structure
