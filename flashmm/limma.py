@@ -235,6 +235,35 @@ def _expression(data: Any, layer: str | None) -> tuple[np.ndarray, list[str], pd
     return arr.T, [f"gene{i}" for i in range(arr.shape[0])], None
 
 
+def _is_elist(obj: Any) -> bool:
+    """True for a :class:`~flashmm.voom.VoomResult`-like object (limma's ``EList``)."""
+    return all(hasattr(obj, a) for a in ("E", "weights", "design")) and not _is_anndata(obj)
+
+
+def _unpack_elist(data: Any, design: Any, weights: Any, design_data: pd.DataFrame | None
+                  ) -> tuple[Any, Any, Any, pd.DataFrame | None]:
+    """``E``, design, weights and covariates of an EList; arguments given take precedence.
+
+    As limma's ``lmFit``: a ``design`` or ``weights`` passed in the call is used
+    instead of the one stored in the object.  Other inputs pass through unchanged.
+    """
+    if not _is_elist(data):
+        return data, design, weights, design_data
+    E = np.asarray(data.E, dtype=float)
+    genes = getattr(data, "genes", None) or [f"gene{i}" for i in range(E.shape[0])]
+    samples = getattr(data, "samples", None) or [f"sample{i}" for i in range(E.shape[1])]
+    frame = pd.DataFrame(E, index=pd.Index(genes), columns=pd.Index(samples))
+    if design is None and data.design is not None:
+        names = getattr(data, "design_names", None)
+        design = pd.DataFrame(np.asarray(data.design, dtype=float), columns=names) \
+            if names is not None else data.design
+    if weights is None:
+        weights = data.weights
+    if design_data is None:
+        design_data = getattr(data, "targets", None)
+    return frame, design, weights, design_data
+
+
 def _design_matrix(design: Any, n: int, obs: pd.DataFrame | None,
                    design_data: pd.DataFrame | None) -> tuple[np.ndarray, list[str]]:
     """Design matrix (n x p) and column names from None, a formula or a matrix."""
@@ -322,12 +351,16 @@ def lm_fit(
 
     Parameters
     ----------
-    data : AnnData, ndarray or DataFrame
+    data : AnnData, ndarray, DataFrame or VoomResult
         AnnData: samples (or cells) in rows, ``X`` or ``layers[layer]``; the
         results are also stored in ``adata.uns[key]`` as a plain dict.
         ndarray or DataFrame: **genes x samples** (pylimma's orientation).
         Values should already be normalised and log-transformed.  Missing
         values (NaN) are allowed; genes with them take the per-gene path.
+        :class:`~flashmm.voom.VoomResult` (limma's ``EList``, from
+        :func:`~flashmm.voom`): its ``E``, and its ``weights``, ``design`` and
+        sample covariates unless ``weights``, ``design`` or ``design_data`` are
+        given.
     design : None, str, ndarray or DataFrame
         Design matrix (n_samples x p) or a patsy formula such as
         ``"~ group + batch"`` evaluated on ``adata.obs`` or ``design_data``.
@@ -382,6 +415,7 @@ def lm_fit(
     >>> fit.coefficients.shape
     (50, 2)
     """
+    data, design, weights, design_data = _unpack_elist(data, design, weights, design_data)
     Y, genes, obs = _expression(data, layer)
     n, G = Y.shape
     X, names = _design_matrix(design, n, obs, design_data)
@@ -483,6 +517,7 @@ def duplicate_correlation(
     from .model import MultiGeneMixedLM
     from .stats import SufficientStats
 
+    data, design, weights, design_data = _unpack_elist(data, design, weights, design_data)
     Y, genes, obs = _expression(data, layer)
     n, G = Y.shape
     X, names = _design_matrix(design, n, obs, design_data)
@@ -494,7 +529,8 @@ def duplicate_correlation(
                         "drop the genes with NaN first.")
     w_arr, W = _weights(weights, n, G)
     if W is not None:
-        raise DataError("duplicate_correlation supports array weights (one per sample) only.")
+        raise DataError("duplicate_correlation supports array weights (one per sample) only; "
+                        "gene-specific weights (e.g. from voom) are not supported yet.")
     Z, levels = block_indicator(blk)
     sizes = Z.sum(axis=0)
     nan = np.full(G, np.nan)
