@@ -236,7 +236,7 @@ def _expression(data: Any, layer: str | None) -> tuple[np.ndarray, list[str], pd
 
 
 def _is_elist(obj: Any) -> bool:
-    """True for a :class:`~flashmm.voom.VoomResult`-like object (limma's ``EList``)."""
+    """True for a :class:`~flashmm.VoomResult`-like object (limma's ``EList``)."""
     return all(hasattr(obj, a) for a in ("E", "weights", "design")) and not _is_anndata(obj)
 
 
@@ -357,7 +357,7 @@ def lm_fit(
         ndarray or DataFrame: **genes x samples** (pylimma's orientation).
         Values should already be normalised and log-transformed.  Missing
         values (NaN) are allowed; genes with them take the per-gene path.
-        :class:`~flashmm.voom.VoomResult` (limma's ``EList``, from
+        :class:`~flashmm.VoomResult` (limma's ``EList``, from
         :func:`~flashmm.voom`): its ``E``, and its ``weights``, ``design`` and
         sample covariates unless ``weights``, ``design`` or ``design_data`` are
         given.
