@@ -127,6 +127,8 @@ def _trend_weights(fit: Any, C: np.ndarray, X: np.ndarray, lib_size: np.ndarray,
     sx = fit.Amean + np.mean(np.log2(lib_size + 1.0)) - np.log2(1e6)
     sy = np.sqrt(fit.sigma)
     keep = C.sum(axis=0) != 0
+    if keep.sum() < 2:
+        raise DataError("voom needs at least two genes with non-zero counts to fit the trend.")
     lx, ly = lowess(sx[keep], sy[keep], f=span)
     fitted = fit.coefficients @ X.T                                   # G x n
     fitted_count = 1e-6 * (2.0 ** fitted * (lib_size + 1.0))
