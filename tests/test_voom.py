@@ -158,13 +158,6 @@ def test_lm_fit_takes_voom_fields_and_explicit_arguments_win(data):
     assert intercept.coefficients.shape[1] == 2
 
 
-def test_duplicate_correlation_refuses_voom_weights(data):
-    counts, samples = data
-    v = flashmm.voom(counts, "~ trt + cls", design_data=samples)
-    with pytest.raises(DataError, match="gene-specific weights"):
-        flashmm.duplicate_correlation(v, block="sam")
-
-
 def test_no_replication_gives_unit_weights():
     counts = np.random.default_rng(0).poisson(10, size=(20, 2))
     with pytest.warns(UserWarning, match="no replication"):
@@ -202,3 +195,66 @@ def test_approx_rule2_ties_and_ends():
     y = np.array([0.0, 1.0, 3.0, 4.0])          # the tie at 1 becomes its mean, 2
     v = np.array([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 9.0])
     np.testing.assert_allclose(approx_rule2(x, y, v), [0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 4.0])
+
+
+# ------------------------------------------ duplicate_correlation with voom weights
+def test_duplicate_correlation_with_voom_weights_matches_r(data):
+    """limma's workflow: voom, duplicateCorrelation, voom with the block, again, lmFit.
+
+    statmod stops its REML iterations early (maxit 20, relative tolerance 1e-6), so
+    per-gene correlations differ by up to ~5e-3 on the atanh scale, with flashmm's
+    at least as high a REML likelihood; the trimmed-mean consensus agrees to ~2e-6.
+    """
+    from flashmm._limma_core import _profile_reml, _rotated_residuals, block_indicator
+
+    counts, samples = data
+    ref = pd.read_csv(REF / "dupcor_genes.csv", index_col=0)
+    cons = pd.read_csv(REF / "dupcor_consensus.csv")
+    v = flashmm.voom(counts, "~ trt + cls", design_data=samples)
+    dc1 = flashmm.duplicate_correlation(v, block="sam")
+    assert dc1.cor == pytest.approx(cons["consensus1"][0], abs=1e-5)
+    np.testing.assert_allclose(dc1.atanh_correlations, ref["atanh1"], rtol=0, atol=1e-2)
+    Z, _ = block_indicator(samples["sam"].to_numpy())
+    d, u2 = _rotated_residuals(v.E.T, v.design, Z, v.weights.T)
+    rho = np.tanh(np.column_stack([dc1.atanh_correlations, ref["atanh1"]]))
+    crit = _profile_reml(rho, d, u2)                 # -2 REML: flashmm's is not larger
+    assert np.all(crit[:, 0] <= crit[:, 1] + 1e-9)
+
+    v4 = flashmm.voom(counts, "~ trt + cls", design_data=samples, block="sam",
+                      correlation=cons["consensus1"][0])
+    np.testing.assert_allclose(v4.weights, _matrix("dupcor_weights.csv.gz"), rtol=1e-6)
+    dc2 = flashmm.duplicate_correlation(v4, block="sam")
+    assert dc2.cor == pytest.approx(cons["consensus2"][0], abs=1e-5)
+    eb = flashmm.e_bayes(flashmm.lm_fit(v4, block="sam", correlation=cons["consensus2"][0]))
+    fit = pd.read_csv(REF / "dupcor_fit.csv", index_col=0)
+    for q, got in [("coef", eb.coefficients), ("t", eb.t), ("p", eb.p_value)]:
+        want = fit[[f"{q}{j}" for j in (1, 2, 3)]].to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12, err_msg=q)
+
+
+def test_duplicate_correlation_gene_weights_constant_equal_array_weights():
+    # the same weights for every gene: the per-gene path agrees with the shared REML fit
+    rng = np.random.default_rng(3)
+    n_blocks, per, G = 8, 3, 40
+    block = np.repeat(np.arange(n_blocks), per)
+    n = block.size
+    X = np.column_stack([np.ones(n), np.tile([0.0, 1.0, 0.0], n_blocks), rng.normal(size=n)])
+    Y = rng.normal(size=(G, n_blocks))[:, block] * 0.7 + rng.normal(size=(G, n))
+    w = rng.uniform(0.5, 2.0, size=n)
+    shared = flashmm.duplicate_correlation(Y, X, block=block, weights=w)
+    per_gene = flashmm.duplicate_correlation(Y, X, block=block, weights=np.tile(w, (G, 1)))
+    # the shared path stops at its optimiser's tolerance (differences ~3e-6 here); the
+    # golden sections go to ~1e-12, so the per-gene REML criterion is never worse
+    np.testing.assert_allclose(per_gene.atanh_correlations, shared.atanh_correlations,
+                               rtol=0, atol=1e-4)
+    assert per_gene.cor == pytest.approx(shared.cor, abs=1e-5)
+    from flashmm._limma_core import _profile_reml, _rotated_residuals, block_indicator
+
+    d, u2 = _rotated_residuals(Y.T, X, block_indicator(block)[0], np.tile(w[:, None], (1, G)))
+    rho = np.tanh(np.column_stack([per_gene.atanh_correlations, shared.atanh_correlations]))
+    crit = _profile_reml(rho, d, u2)
+    assert np.all(crit[:, 0] <= crit[:, 1] + 1e-10)
+    with pytest.raises(DataError, match="positive"):
+        W = np.tile(w, (G, 1))
+        W[0, 0] = 0.0
+        flashmm.duplicate_correlation(Y, X, block=block, weights=W)

@@ -57,6 +57,19 @@ v3 <- voom(counts, design, block = samples$sam, correlation = 0.3, save.plot = T
 write_voom(v3, "block")
 write_fit(eBayes(lmFit(v3, design, block = samples$sam, correlation = 0.3)), "block")
 
+## 4. the voom / duplicateCorrelation workflow (limma's user guide), gene-specific weights
+dc1 <- duplicateCorrelation(v, design, block = samples$sam)
+v4 <- voom(counts, design, block = samples$sam, correlation = dc1$consensus)
+dc2 <- duplicateCorrelation(v4, design, block = samples$sam)
+write_ref(data.frame(gene = rownames(counts), atanh1 = dc1$atanh.correlations,
+                     atanh2 = dc2$atanh.correlations), file.path(dir, "dupcor_genes.csv"))
+write_ref(data.frame(consensus1 = dc1$consensus, consensus2 = dc2$consensus),
+          file.path(dir, "dupcor_consensus.csv"))
+w4 <- v4$weights
+dimnames(w4) <- dimnames(v4$E)
+write_matrix(w4, "dupcor_weights.csv.gz")
+write_fit(eBayes(lmFit(v4, design, block = samples$sam, correlation = dc2$consensus)), "dupcor")
+
 ## R's lowess alone: ties, outliers, iter and delta variants
 lw <- read.csv(file.path(dir, "lowess_in.csv"))
 out <- data.frame(x_sorted = lowess(lw$x, lw$y)$x)
