@@ -372,8 +372,8 @@ def lm_fit(
     correlation : float, optional
         Within-block correlation, e.g. from :func:`duplicate_correlation`.
         With ``block`` and ``correlation=None`` it is estimated with
-        :func:`duplicate_correlation` (limma's ``gls.series`` default; array
-        weights only).
+        :func:`duplicate_correlation` (limma's ``gls.series`` default; positive
+        weights, no missing values).
     weights : array_like, optional
         Length n_samples: array weights (one per sample), folded into the shared
         statistics.  Shape (n_genes, n_samples): gene-specific weights; these
