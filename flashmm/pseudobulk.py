@@ -129,7 +129,8 @@ def pseudobulk(
     -------
     anndata.AnnData
         Groups x genes sums (float64; CSR if the input is sparse), groups
-        sorted by the ``by`` values and named by them joined with ``"_"``.
+        sorted by the ``by`` values and named by them joined with ``"_"``
+        (made unique with anndata's suffixes if two joins coincide).
         ``obs`` holds the ``by`` columns, every other obs column that is
         constant within each (kept) group, and ``n_cells``; unused categories
         are removed.  ``var`` is a copy of ``adata.var``.
@@ -167,4 +168,6 @@ def pseudobulk(
     constant = _constant_columns(obs, codes, keep, cols)
     table = _group_obs(obs, cols, first[keep], n_cells[keep], constant)
     var = pd.DataFrame(adata.var).copy()
+    if not table.index.is_unique:            # labels with "_" can join to the same name
+        table.index = anndata.utils.make_index_unique(table.index)
     return anndata.AnnData(X=sums, obs=table, var=var)

@@ -174,3 +174,12 @@ def test_nonfinite_counts_raise(cells):
     ad.X[5, 2] = np.nan
     with pytest.raises(DataError):
         flashmm.pseudobulk(ad, by="donor")
+
+
+def test_group_names_are_unique():
+    obs = pd.DataFrame({"a": ["x_y", "x", "x_y", "x"], "b": ["z", "y_z", "z", "y_z"]},
+                       index=[f"c{i}" for i in range(4)])
+    ad = anndata.AnnData(X=np.arange(8.0).reshape(4, 2), obs=obs)
+    pb = flashmm.pseudobulk(ad, by=["a", "b"])
+    assert pb.n_obs == 2 and pb.obs_names.is_unique
+    np.testing.assert_array_equal(pb.X, [[2.0 + 6.0, 3.0 + 7.0], [0.0 + 4.0, 1.0 + 5.0]])
