@@ -54,3 +54,11 @@ __all__ += ["lm_fit", "duplicate_correlation", "e_bayes", "LimmaFit", "Duplicate
 from .kinship import fit_kinship  # noqa: E402
 
 __all__ += ["fit_kinship"]
+
+from .voom import VoomResult, voom  # noqa: E402
+
+__all__ += ["voom", "VoomResult"]
+
+from .pseudobulk import pseudobulk  # noqa: E402
+
+__all__ += ["pseudobulk"]

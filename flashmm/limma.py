@@ -33,6 +33,7 @@ from scipy import stats as sps
 from ._design import check_full_rank
 from ._errors import DataError, DesignError
 from ._limma_core import (
+    block_correlation_per_gene,
     block_indicator,
     fit_f_dist,
     gls_per_gene,
@@ -235,6 +236,35 @@ def _expression(data: Any, layer: str | None) -> tuple[np.ndarray, list[str], pd
     return arr.T, [f"gene{i}" for i in range(arr.shape[0])], None
 
 
+def _is_elist(obj: Any) -> bool:
+    """True for a :class:`~flashmm.VoomResult`-like object (limma's ``EList``)."""
+    return all(hasattr(obj, a) for a in ("E", "weights", "design")) and not _is_anndata(obj)
+
+
+def _unpack_elist(data: Any, design: Any, weights: Any, design_data: pd.DataFrame | None
+                  ) -> tuple[Any, Any, Any, pd.DataFrame | None]:
+    """``E``, design, weights and covariates of an EList; arguments given take precedence.
+
+    As limma's ``lmFit``: a ``design`` or ``weights`` passed in the call is used
+    instead of the one stored in the object.  Other inputs pass through unchanged.
+    """
+    if not _is_elist(data):
+        return data, design, weights, design_data
+    E = np.asarray(data.E, dtype=float)
+    genes = getattr(data, "genes", None) or [f"gene{i}" for i in range(E.shape[0])]
+    samples = getattr(data, "samples", None) or [f"sample{i}" for i in range(E.shape[1])]
+    frame = pd.DataFrame(E, index=pd.Index(genes), columns=pd.Index(samples))
+    if design is None and data.design is not None:
+        names = getattr(data, "design_names", None)
+        design = pd.DataFrame(np.asarray(data.design, dtype=float), columns=names) \
+            if names is not None else data.design
+    if weights is None:
+        weights = data.weights
+    if design_data is None:
+        design_data = getattr(data, "targets", None)
+    return frame, design, weights, design_data
+
+
 def _design_matrix(design: Any, n: int, obs: pd.DataFrame | None,
                    design_data: pd.DataFrame | None) -> tuple[np.ndarray, list[str]]:
     """Design matrix (n x p) and column names from None, a formula or a matrix."""
@@ -322,12 +352,16 @@ def lm_fit(
 
     Parameters
     ----------
-    data : AnnData, ndarray or DataFrame
+    data : AnnData, ndarray, DataFrame or VoomResult
         AnnData: samples (or cells) in rows, ``X`` or ``layers[layer]``; the
         results are also stored in ``adata.uns[key]`` as a plain dict.
         ndarray or DataFrame: **genes x samples** (pylimma's orientation).
         Values should already be normalised and log-transformed.  Missing
         values (NaN) are allowed; genes with them take the per-gene path.
+        :class:`~flashmm.VoomResult` (limma's ``EList``, from
+        :func:`~flashmm.voom`): its ``E``, and its ``weights``, ``design`` and
+        sample covariates unless ``weights``, ``design`` or ``design_data`` are
+        given.
     design : None, str, ndarray or DataFrame
         Design matrix (n_samples x p) or a patsy formula such as
         ``"~ group + batch"`` evaluated on ``adata.obs`` or ``design_data``.
@@ -338,8 +372,8 @@ def lm_fit(
     correlation : float, optional
         Within-block correlation, e.g. from :func:`duplicate_correlation`.
         With ``block`` and ``correlation=None`` it is estimated with
-        :func:`duplicate_correlation` (limma's ``gls.series`` default; array
-        weights only).
+        :func:`duplicate_correlation` (limma's ``gls.series`` default; positive
+        weights, no missing values).
     weights : array_like, optional
         Length n_samples: array weights (one per sample), folded into the shared
         statistics.  Shape (n_genes, n_samples): gene-specific weights; these
@@ -382,6 +416,7 @@ def lm_fit(
     >>> fit.coefficients.shape
     (50, 2)
     """
+    data, design, weights, design_data = _unpack_elist(data, design, weights, design_data)
     Y, genes, obs = _expression(data, layer)
     n, G = Y.shape
     X, names = _design_matrix(design, n, obs, design_data)
@@ -452,9 +487,11 @@ def duplicate_correlation(
     trim : float
         Trimming proportion of the mean (limma: 0.15).
     weights : array_like, optional
-        Array weights (length n_samples), applied to ``X`` and ``y`` but not
-        to ``Z`` (as statmod's ``mixedModel2Fit``).  Gene-specific weights and
-        missing values are not supported here.
+        Array weights (length n_samples) or gene-specific weights (n_genes x
+        n_samples, e.g. from :func:`~flashmm.voom`; a
+        :class:`~flashmm.VoomResult` brings its own), applied to ``X`` and
+        ``y`` but not to ``Z`` (as statmod's ``mixedModel2Fit``).  Gene-specific
+        weights must be positive; missing values are not supported.
     allow_negative : bool
         ``True`` (default, as limma): unconstrained REML (FLASHMM's Fisher
         scoring, ``fit(allow_negative_variance=True)``), so a gene can have a
@@ -478,11 +515,22 @@ def duplicate_correlation(
     agrees up to the optimisers' convergence.  Genes with ``n <= p + 2``
     observations, or with as many blocks as observations minus one, give NaN,
     as in limma.
+
+    Gene-specific weights break the shared statistics: every gene then gets
+    its own residual-space rotation (batched QR and eigendecomposition over
+    chunks of genes, O(n^3) per gene) and its profile REML is maximised over
+    the correlation in limma's clipping interval by a grid and golden
+    sections (``allow_negative`` does not apply; ``ratios`` are ``rho / (1 - rho)``).
+    statmod stops its gamma GLM after 20 iterations at a relative tolerance
+    of 1e-6, so per-gene correlations can differ from limma's by a few 1e-3 on
+    the atanh scale (flashmm's have the higher REML likelihood); the
+    consensus agrees to about 1e-5.
     """
     from ._design import RandomComponent
     from .model import MultiGeneMixedLM
     from .stats import SufficientStats
 
+    data, design, weights, design_data = _unpack_elist(data, design, weights, design_data)
     Y, genes, obs = _expression(data, layer)
     n, G = Y.shape
     X, names = _design_matrix(design, n, obs, design_data)
@@ -493,8 +541,6 @@ def duplicate_correlation(
         raise DataError("duplicate_correlation does not support missing values; "
                         "drop the genes with NaN first.")
     w_arr, W = _weights(weights, n, G)
-    if W is not None:
-        raise DataError("duplicate_correlation supports array weights (one per sample) only.")
     Z, levels = block_indicator(blk)
     sizes = Z.sum(axis=0)
     nan = np.full(G, np.nan)
@@ -513,6 +559,8 @@ def duplicate_correlation(
     p = X.shape[1]
     if n <= p + 2 or Z.shape[1] >= n - 1:
         return DuplicateCorrelation(0.0, 0.0, nan.copy(), nan)
+    if W is not None:
+        return _dupcor_gene_weights(Y, X, Z, W, int(sizes.max()), trim)
     sw = np.ones(n) if w_arr is None else np.sqrt(w_arr)
     if not np.all(np.isfinite(sw) & (sw > 0)):
         raise DataError("array weights must be positive and finite.")
@@ -535,6 +583,22 @@ def duplicate_correlation(
     ok = np.isfinite(arho)
     cons = float(np.tanh(sps.trim_mean(arho[ok], trim))) if ok.any() else 0.0
     return DuplicateCorrelation(cons, cons, arho, g)
+
+
+def _dupcor_gene_weights(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: np.ndarray,
+                         max_size: int, trim: float) -> DuplicateCorrelation:
+    """duplicate_correlation with gene-specific weights (W: n x G), per-gene REML."""
+    if not np.all(np.isfinite(W) & (W > 0)):
+        raise DataError("gene-specific weights must be positive and finite in "
+                        "duplicate_correlation (limma drops the samples with zero weight; "
+                        "that is not supported here).")
+    rho = block_correlation_per_gene(Y, X, Z, W, 1.0 / (1.0 - max_size) + 0.01, 0.99)
+    arho = np.arctanh(rho)
+    ok = np.isfinite(arho)
+    cons = float(np.tanh(sps.trim_mean(arho[ok], trim))) if ok.any() else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = rho / (1.0 - rho)
+    return DuplicateCorrelation(cons, cons, arho, ratios)
 
 
 # ------------------------------------------------------------------ e_bayes
