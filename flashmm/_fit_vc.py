@@ -99,6 +99,9 @@ class VCBlockCriterion(ThetaCriterion):
 
     shared: _Shared | None = field(default=None, repr=False)
 
+    #: :func:`~flashmm._newton.projected_newton` tries full steps with the Newton terms
+    cheap_hessian = True
+
     @classmethod
     def of(cls, crit: ThetaCriterion) -> VCBlockCriterion:
         """The block criterion of the same genes and statistics."""

@@ -56,13 +56,14 @@ def projected_newton(crit: Criterion, x: np.ndarray, lower: np.ndarray, tol: flo
     n_iter = np.zeros(G, dtype=np.int64)
     fval = np.full(G, np.nan)
     active = np.ones(G, dtype=bool)
+    cache = _TermsCache.empty(G, x.shape[1]) if getattr(crit, "cheap_hessian", False) else None
     for it in range(maxiter):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
         sub = crit.subset(idx)
         xi = x[idx]
-        f, grad, hess = sub.newton_terms(xi)
+        f, grad, hess = _terms(sub, xi, idx, cache)
         fval[idx] = f
         held = (xi <= lower) & (grad > 0.0)             # at the bound, pushing outwards
         step = newton_direction(grad, hess, held)
@@ -75,14 +76,74 @@ def projected_newton(crit: Criterion, x: np.ndarray, lower: np.ndarray, tol: flo
         todo = np.flatnonzero(~done)
         if todo.size == 0:
             break
-        new, newf, moved = _line_search(sub.subset(todo), xi[todo], step[todo], grad[todo],
-                                        f[todo], lower)
+        new, newf, moved = _step(sub.subset(todo), xi[todo], step[todo], grad[todo], f[todo],
+                                 lower, None if cache is None else (cache, idx[todo]))
         x[idx[todo]] = new
         fval[idx[todo]] = newf
         stuck = todo[~moved | (newf >= f[todo])]        # no decrease left: round-off level
         converged[idx[stuck]] = decrement[stuck] < 1e-6
         active[idx[stuck]] = False
     return NewtonFit(x, fval, converged, n_iter)
+
+
+@dataclass
+class _TermsCache:
+    """Criterion, gradient and Hessian already computed at the current point of some rows."""
+
+    f: np.ndarray
+    grad: np.ndarray
+    hess: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def empty(cls, G: int, k: int) -> _TermsCache:
+        return cls(np.empty(G), np.empty((G, k)), np.empty((G, k, k)), np.zeros(G, dtype=bool))
+
+    def store(self, rows: np.ndarray, f: np.ndarray, grad: np.ndarray, hess: np.ndarray) -> None:
+        self.f[rows], self.grad[rows], self.hess[rows] = f, grad, hess
+        self.valid[rows] = True
+
+
+def _terms(crit: Criterion, x: np.ndarray, rows: np.ndarray, cache: _TermsCache | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``newton_terms`` at ``x`` (rows ``rows`` of the fit), reusing what the line search left."""
+    if cache is None:
+        return crit.newton_terms(x)
+    need = np.flatnonzero(~cache.valid[rows])
+    if need.size:
+        cache.store(rows[need], *crit.subset(need).newton_terms(x[need]))
+    cache.valid[rows] = False                           # the next point is new
+    return cache.f[rows].copy(), cache.grad[rows].copy(), cache.hess[rows].copy()
+
+
+def _step(crit: Criterion, x: np.ndarray, step: np.ndarray, grad: np.ndarray, f: np.ndarray,
+          lower: np.ndarray, cached: tuple[_TermsCache, np.ndarray] | None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The line search; with a cheap Hessian the full step is tried with the Newton terms.
+
+    When the Hessian costs little more than the value (exact block Hessians),
+    the full Newton step -- accepted by nearly every row -- is evaluated with
+    :meth:`newton_terms`, whose result then serves the next iteration; the
+    rows that reject it backtrack on values from half the step.
+    """
+    if cached is None:
+        return _line_search(crit, x, step, grad, f, lower)
+    cache, rows = cached
+    trial = np.maximum(x + step, lower)
+    ft, gt, ht = crit.newton_terms(trial)
+    ok = _armijo(ft, f, grad, trial - x)
+    cache.store(rows[ok], ft[ok], gt[ok], ht[ok])
+    new, newf, moved = trial.copy(), ft.copy(), ok.copy()
+    back = np.flatnonzero(~ok)
+    if back.size:
+        new[back], newf[back], moved[back] = _line_search(
+            crit.subset(back), x[back], step[back], grad[back], f[back], lower, alpha0=0.5)
+    return new, newf, moved
+
+
+def _armijo(ft: np.ndarray, f: np.ndarray, grad: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Sufficient decrease (and a finite value) at the trial points."""
+    return np.isfinite(ft) & (ft <= f + 1e-4 * np.sum(grad * dx, axis=1))
 
 
 def newton_direction(grad: np.ndarray, hess: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -101,11 +162,11 @@ def newton_direction(grad: np.ndarray, hess: np.ndarray, held: np.ndarray) -> np
 
 
 def _line_search(crit: Criterion, x: np.ndarray, step: np.ndarray, grad: np.ndarray,
-                 f: np.ndarray, lower: np.ndarray, max_halvings: int = 50
+                 f: np.ndarray, lower: np.ndarray, max_halvings: int = 50, alpha0: float = 1.0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Armijo backtracking on the projected path ``max(x + alpha step, lower)``."""
     G = x.shape[0]
-    alpha = np.ones(G)
+    alpha = np.full(G, alpha0)
     new = x.copy()
     newf = f.copy()
     pending = np.ones(G, dtype=bool)
@@ -116,7 +177,7 @@ def _line_search(crit: Criterion, x: np.ndarray, step: np.ndarray, grad: np.ndar
             break
         trial = np.maximum(x[idx] + alpha[idx, None] * step[idx], lower)
         ft = crit.subset(idx).value(trial)
-        ok = np.isfinite(ft) & (ft <= f[idx] + 1e-4 * np.sum(grad[idx] * (trial - x[idx]), axis=1))
+        ok = _armijo(ft, f[idx], grad[idx], trial - x[idx])
         new[idx[ok]] = trial[ok]
         newf[idx[ok]] = ft[ok]
         moved[idx[ok]] = True
