@@ -527,7 +527,8 @@ class MultiGeneMixedLMResults:
             for a single variance ``p = P(chi2_1 >= LRT) / 2``.
         **fit_kwargs
             Passed to the reduced fits (``maxiter``, ``tol``, ``n_jobs``,
-            ``max_memory``).
+            ``max_memory``).  A fit with ``allow_negative_variance=True``
+            (FLASHMM's scoring) refits the reduced models the same way.
 
         Returns
         -------
@@ -547,9 +548,12 @@ class MultiGeneMixedLMResults:
         from .model import MultiGeneMixedLM
         from .ranova import ranova_table
 
+        negative = self.optimizer == "flashmm-scoring"      # FLASHMM's unconstrained fit
+
         def refit(stats: Any) -> MultiGeneMixedLMResults:
             return MultiGeneMixedLM.from_sufficient_stats(stats).fit(
-                reml=self.reml, df_method=self.df_method, **fit_kwargs)
+                reml=self.reml, df_method=self.df_method, allow_negative_variance=negative,
+                **fit_kwargs)
 
         return ranova_table(self, refit, mixture=mixture)
 
