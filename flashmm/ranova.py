@@ -13,7 +13,12 @@ default ``reduce.terms = TRUE``:
   ``results.llf``);
 * correlated random slopes ``(1 + x | g)`` are reduced one slope at a time,
   ``(1 + x | g)`` to ``(1 | g)`` (lmerTest's row ``x in (1 + x | g)``; here
-  ``"x in g"``), dropping the slope's variance and its covariances.
+  ``"x in g"``), dropping the slope's variance and its covariances; with
+  independent effects ``(1 + x || g)``, which lme4 splits into ``(1 | g) + (0 +
+  x | g)``, the intercept (row ``"g"``, lmerTest's ``(1 | g)``) and each slope
+  (``"x in g"``, lmerTest's ``x in (0 + x | g)``) are dropped in turn.  A lone
+  slope ``(0 + x | g)`` is dropped entirely: lmerTest replaces it by ``(1 | g)``
+  instead, which is not a reduction of the model (its ``Df`` is 0).
 
 ``npar`` counts the fixed effects, the covariance parameters and the residual
 variance (R's ``attr(logLik, "df")``); ``AIC = -2 logLik + 2 npar`` (REML or ML,
@@ -88,15 +93,19 @@ def drop_component(stats: Any, i: int) -> Any:
     keep = np.concatenate([np.arange(off[j], off[j + 1]) for j in range(len(stats.components))
                            if j != i])
     comps = tuple(c for j, c in enumerate(stats.components) if j != i)
-    return subset_columns(stats, keep, comps, dict(stats.info))
+    info = dict(stats.info)
+    if i == 0:
+        info.pop(SLOPES_KEY, None)       # the random-slope block was component 0
+    return subset_columns(stats, keep, comps, info)
 
 
 def drop_slope(stats: Any, k: int) -> Any:
-    """Statistics with the random slope ``k`` (position in ``exog_re``) removed from ``Psi``.
+    """Statistics with random effect ``k`` (position in ``exog_re``) removed from ``Psi``.
 
     Component 0 holds ``r`` consecutive columns per group; column ``k`` of every
-    group goes.  With one effect left (the intercept) the component becomes a
-    plain group intercept, otherwise the statistics keep ``r - 1`` correlated effects.
+    group goes.  When only the group intercept is left the component becomes a
+    plain group intercept, otherwise the statistics keep ``r - 1`` random effects
+    per group (correlated or independent as before).
     """
     meta = dict(stats.info[SLOPES_KEY])
     r, names = int(meta["dim"]), list(meta["names"])
@@ -105,9 +114,9 @@ def drop_slope(stats: Any, k: int) -> Any:
     own = np.arange(comp.size).reshape(-1, r)[:, stay].ravel()
     rest = np.arange(comp.size, stats.k_re)
     info = dict(stats.info)
-    new_names = [names[j] for j in stay]
-    groups = tuple(comp.groups[j] for j in own) if comp.groups is not None else None
-    if len(stay) == 1:
+    groups = tuple(comp.groups[j] for j in own)
+    cols = tuple(comp.columns[j] for j in own)
+    if [names[j] for j in stay] == [meta["group_name"]]:
         del info[SLOPES_KEY]
         if len(stats.components) == 1:
             new = RandomComponent(comp.name, groups)
@@ -115,8 +124,7 @@ def drop_slope(stats: Any, k: int) -> Any:
             new = RandomComponent(comp.name, tuple(f"{g}:0" for g in groups), groups,
                                   ("0",) * len(groups))
     else:
-        info[SLOPES_KEY] = {**meta, "names": new_names, "dim": len(stay)}
-        cols = tuple(comp.columns[j] for j in own)
+        info[SLOPES_KEY] = {**meta, "names": [names[j] for j in stay], "dim": len(stay)}
         new = RandomComponent(comp.name, tuple(f"{g}:{c}" for g, c in zip(groups, cols,
                                                                          strict=True)),
                               groups, cols)
@@ -127,12 +135,11 @@ def drop_slope(stats: Any, k: int) -> Any:
 def reduced_models(stats: Any) -> list[ReducedModel]:
     """lmerTest's single-term deletions of the random effects, with their names.
 
-    Raises
-    ------
-    NotImplementedError
-        For random slopes that are independent (``(1 + x || g)``) or have no
-        random intercept (``(0 + x | g)``): lmerTest's reductions of those are
-        not available yet.
+    Variance components are dropped (row: the component's name); random
+    effects per group ``(1 + x | g)`` lose one slope at a time (row ``"x in
+    g"``), and with independent effects ``(1 + x || g)`` (lme4's ``(1 | g) +
+    (0 + x | g)``) the intercept can go too (row ``"g"``).  A single random
+    slope ``(0 + x | g)`` is dropped entirely (row ``"x in g"``).
     """
     meta = stats.info.get(SLOPES_KEY)
     out = []
@@ -146,15 +153,15 @@ def reduced_models(stats: Any) -> list[ReducedModel]:
 
 def _slope_reductions(stats: Any, meta: dict[str, Any]) -> list[ReducedModel]:
     names, group = list(meta["names"]), str(meta["group_name"])
-    if meta["independent"] or group not in names:
-        what = ("independent random effects (1 + x || g)" if meta["independent"]
-                else "random slopes without a random intercept (0 + x | g)")
-        raise NotImplementedError(
-            f"ranova is not available yet for {what}: lmerTest's reductions of these terms "
-            "(dropping the intercept or one slope of a diagonal Psi) are not implemented; "
-            "use compare_lr_test with a fit of the smaller model.")
-    return [ReducedModel(f"{name} in {group}", drop_slope(stats, k))
-            for k, name in enumerate(names) if name != group]
+    if len(names) == 1:
+        return [ReducedModel(f"{names[0]} in {group}", drop_component(stats, 0))]
+    out = []
+    for k, name in enumerate(names):
+        if name != group:
+            out.append(ReducedModel(f"{name} in {group}", drop_slope(stats, k)))
+        elif meta["independent"]:        # lme4's separate term (1 | g)
+            out.append(ReducedModel(group, drop_slope(stats, k)))
+    return out
 
 
 # ---------------------------------------------------------------- likelihoods

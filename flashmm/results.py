@@ -515,8 +515,10 @@ class MultiGeneMixedLMResults:
         Every reduced model is refitted from the same sufficient statistics
         (no pass over the cells), with this fit's REML or ML: dropping the only
         component leaves the fixed-effects linear model; dropping one of several
-        leaves the others; correlated random slopes ``(1 + x | g)`` are reduced
-        to ``(1 | g)`` (row ``"x in g"``), as lmerTest's default ``reduce.terms``.
+        leaves the others; random slopes ``(1 + x | g)`` are reduced to ``(1 | g)``
+        (row ``"x in g"``), as lmerTest's default ``reduce.terms``, and with
+        independent effects ``(1 + x || g)`` the intercept is dropped too (row
+        ``"g"``).
 
         Parameters
         ----------
@@ -538,12 +540,6 @@ class MultiGeneMixedLMResults:
             random slope); columns ``npar, logLik, AIC, LRT, Df, pvalue, padj``
             (``padj``: Benjamini-Hochberg within each row, over the fitted
             genes).  See :mod:`flashmm.ranova`.
-
-        Raises
-        ------
-        NotImplementedError
-            For independent random slopes ``(1 + x || g)`` and slopes without a
-            random intercept.
         """
         from .model import MultiGeneMixedLM
         from .ranova import ranova_table

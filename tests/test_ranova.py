@@ -4,7 +4,8 @@
 batches crossed with donors, a cell covariate ``x``) and 8 genes, some without a donor:ct,
 batch or slope variance (singular fits, LRT 0), and writes lmerTest's ``ranova`` for
 ``ct * trt + x`` with ``(1|donor)``, ``(1|donor) + (1|donor:ct)``, ``(1|donor) + (1|batch)``,
-all three and ``(1 + x|donor)`` by REML, and the first two by ML (lme4 bobyqa, rhoend 1e-12).
+all three, ``(1 + x|donor)``, ``(1 + x|donor) + (1|donor:ct)`` and ``(1 + x||donor)`` by REML,
+and the first two by ML (lme4 bobyqa, rhoend 1e-12).
 
 Tolerances:
 - logLik and LRT within 1e-5 absolute (AIC 2e-5): the log-likelihoods are about -450, and lme4's
@@ -41,12 +42,15 @@ RANDOM = {
     "three": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "dct": "0 + C(donor):C(ct)",
                                              "batch": "0 + C(batch)"}},
     "slopes": {"groups": "donor", "re_formula": "~ 1 + x"},
+    "slopes_nested": {"groups": "donor", "re_formula": "~ 1 + x", "vc_formula": {"dct": "0 + C(ct)"}},
+    "indep": {"groups": "donor", "re_formula": "~ 1 + x", "independent_re": True},
 }
 RANDOM["nested_ML"] = RANDOM["nested"]
 RANDOM["one_ML"] = RANDOM["one"]
 #: lmerTest's row names -> flashmm's (the components' names)
 ROW_NAMES = {"<none>": "<none>", "(1 | donor)": "donor", "(1 | donor:ct)": "dct",
-             "(1 | batch)": "batch", "x in (1 + x | donor)": "x in donor"}
+             "(1 | batch)": "batch", "x in (1 + x | donor)": "x in donor",
+             "x in (0 + x | donor)": "x in donor"}
 LL_ATOL = 1e-5
 P_RTOL = 1e-4
 
@@ -172,12 +176,27 @@ def test_unfitted_genes_stay_nan_and_out_of_padj(design: str) -> None:
                                    err_msg=term)
 
 
-def test_independent_slopes_not_implemented() -> None:
+def test_lone_slope_is_dropped_entirely() -> None:
+    """``(0 + x | donor)``: the reduced model is the linear model (lmerTest: ``(1 | donor)``)."""
     obs = cells()
     res = MultiGeneMixedLM.from_formula(FORMULA, obs, endog=obs[GENES[:2]], groups="donor",
-                                        re_formula="~ 1 + x", independent_re=True).fit()
-    with pytest.raises(NotImplementedError, match=r"independent random effects \(1 \+ x \|\| g\)"):
-        res.ranova()
+                                        re_formula="~ 0 + x").fit()
+    tab = res.ranova()
+    assert list(tab.loc["g01"].index) == ["<none>", "x in donor"]
+    lm = fit("one").ranova().xs("donor", level="term")
+    rows = tab.xs("x in donor", level="term")
+    np.testing.assert_allclose(rows["logLik"], lm["logLik"].loc[rows.index], rtol=1e-12)
+    np.testing.assert_array_equal(rows["Df"], 2.0 - 1.0)
+
+
+def test_independent_slopes_reduce_to_the_smaller_fits() -> None:
+    """``(1 + x || donor)``: dropping the intercept leaves ``(0 + x | donor)``, the slope ``(1 | donor)``."""
+    obs = cells()
+    tab = fit("indep").ranova()["logLik"]
+    slope_only = MultiGeneMixedLM.from_formula(FORMULA, obs, endog=obs[GENES], groups="donor",
+                                               re_formula="~ 0 + x").fit().llf
+    np.testing.assert_allclose(tab.xs("donor", level="term"), slope_only, rtol=1e-9)
+    np.testing.assert_allclose(tab.xs("x in donor", level="term"), fit("one").llf, rtol=1e-9)
 
 
 def test_ranova_after_save_and_load(tmp_path) -> None:  # noqa: ANN001

@@ -41,6 +41,8 @@ random <- list(one = "(1 | donor)",
                crossed = "(1 | donor) + (1 | batch)",
                three = "(1 | donor) + (1 | donor:ct) + (1 | batch)",
                slopes = "(1 + x | donor)",
+               slopes_nested = "(1 + x | donor) + (1 | donor:ct)",
+               indep = "(1 + x || donor)",
                nested_ML = "(1 | donor) + (1 | donor:ct)",   # fitted by ML
                one_ML = "(1 | donor)")
 fixed <- "ct * trt + x"
