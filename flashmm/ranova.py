@@ -27,7 +27,8 @@ and ``Df`` the difference of ``npar``.  The p-value is lmerTest's chi-square on
 ``Df``; ``mixture=True`` gives the 50:50 mixture of chi-square(Df - 1) and
 chi-square(Df) instead (Self and Liang 1987, Stram and Lee 1994), the
 asymptotic null distribution when the dropped variance lies on the boundary of
-its space: ``p = P(chi2_1 >= LRT) / 2`` for one variance.
+its space: ``p = P(chi2_1 >= LRT) / 2`` for one variance, and p = 1 for an LRT of
+0 (below ``1e-9 max(1, |logLik|)``, the round-off of the log-likelihoods).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from .contrasts import bh_adjust
 __all__ = ["ranova_table", "reduced_models", "linear_model_llf", "COLUMNS"]
 
 COLUMNS = ["npar", "logLik", "AIC", "LRT", "Df", "pvalue", "padj"]
+#: with ``mixture=True``, an LRT below this times ``max(1, |logLik|)`` counts as 0 (round-off)
+ZERO_LRT = 1e-9
 NONE_ROW = "<none>"
 SLOPES_KEY = "random_slopes"
 
@@ -246,18 +249,35 @@ def _assemble(genes: pd.Index, rows: list[str], npar: np.ndarray, llf: np.ndarra
     DF = np.full((G, R), np.nan)
     LRT[:, 1:] = 2.0 * (llf[:, :1] - llf[:, 1:])
     DF[:, 1:] = npar[0] - npar[1:]
-    P = lrt_pvalue(LRT, DF, mixture)
+    P = lrt_pvalue(LRT, DF, mixture, zero=ZERO_LRT * np.maximum(1.0, np.abs(llf[:, :1])))
     cols = {"npar": NPAR, "logLik": llf, "AIC": -2.0 * llf + 2.0 * NPAR, "LRT": LRT, "Df": DF,
             "pvalue": P, "padj": bh_adjust(P)}
     index = pd.MultiIndex.from_product([genes, rows], names=["gene", "term"])
     return pd.DataFrame({k: cols[k].ravel() for k in COLUMNS}, index=index)
 
 
-def lrt_pvalue(lrt: np.ndarray, df: np.ndarray, mixture: bool = False) -> np.ndarray:
+def lrt_pvalue(lrt: np.ndarray, df: np.ndarray, mixture: bool = False,
+               zero: np.ndarray | float = 0.0) -> np.ndarray:
     """Upper-tail p-value of the LRT: chi-square(df), or the 50:50 chi-square(df - 1, df) mixture.
 
-    A negative LRT (the reduced model fits better, within the optimiser's
-    precision) gives p = 1.  chi-square(0) is the point mass at 0.
+    Parameters
+    ----------
+    lrt, df : ndarray
+        Statistics and their degrees of freedom (broadcast together).
+    mixture : bool
+        The mixture instead of chi-square(df).  chi-square(0) is the point
+        mass at 0, so an LRT of 0 (a variance estimated at 0 in the full
+        model) gives p = 1 where any positive LRT gives at most 1/2.
+    zero : ndarray or float
+        With ``mixture``: an LRT at most this counts as 0 (the round-off of
+        the log-likelihoods, about 1e-13 for a log-likelihood of 500, must
+        not turn p = 1 into 1/2).
+
+    Returns
+    -------
+    ndarray
+        p-values; a negative LRT (the reduced model fits better within the
+        optimiser's precision) gives p = 1, as R's ``pchisq``.
     """
     with np.errstate(invalid="ignore"):
         plain = sps.chi2.sf(lrt, np.where(df > 0, df, np.nan))
@@ -266,4 +286,4 @@ def lrt_pvalue(lrt: np.ndarray, df: np.ndarray, mixture: bool = False) -> np.nda
         lower = np.where(df > 1, sps.chi2.sf(lrt, np.where(df > 1, df - 1, 1.0)),
                          np.where(lrt > 0, 0.0, 1.0))
         out = 0.5 * plain + 0.5 * lower
-    return np.where(np.isnan(lrt) | np.isnan(df), np.nan, np.where(lrt > 0, out, 1.0))
+    return np.where(np.isnan(lrt) | np.isnan(df), np.nan, np.where(lrt > zero, out, 1.0))

@@ -526,7 +526,7 @@ class MultiGeneMixedLMResults:
             False (default, lmerTest's): p-values from chi-square(Df).  True: from
             the 50:50 mixture of chi-square(Df - 1) and chi-square(Df), the
             asymptotic null distribution of a variance on its boundary (0);
-            for a single variance ``p = P(chi2_1 >= LRT) / 2``.
+            for a single variance ``p = P(chi2_1 >= LRT) / 2`` (1 for an LRT of 0).
         **fit_kwargs
             Passed to the reduced fits (``maxiter``, ``tol``, ``n_jobs``,
             ``max_memory``).  A fit with ``allow_negative_variance=True``
