@@ -92,6 +92,7 @@ rst_epilog = "\n".join(
 # Public submodules documented in the API reference (those that exist are listed).
 PUBLIC_MODULES = [
     "flashmm.model", "flashmm.results", "flashmm.gene", "flashmm.contrasts", "flashmm.anova",
+    "flashmm.ranova",
     "flashmm.lsmeans", "flashmm.stats",
     "flashmm.summary", "flashmm.datasets", "flashmm.io", "flashmm.plot", "flashmm.dask",
     "flashmm.limma", "flashmm.kinship", "flashmm.cli", "flashmm.predict",

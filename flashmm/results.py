@@ -509,6 +509,50 @@ class MultiGeneMixedLMResults:
 
         return ls_means_table(self, term, pairwise=pairwise, alpha=alpha, df_method=df_method)
 
+    def ranova(self, mixture: bool = False, **fit_kwargs: Any) -> pd.DataFrame:
+        """lmerTest's ``ranova``: a likelihood-ratio test for dropping each random-effects term.
+
+        Every reduced model is refitted from the same sufficient statistics
+        (no pass over the cells), with this fit's REML or ML: dropping the only
+        component leaves the fixed-effects linear model; dropping one of several
+        leaves the others; random slopes ``(1 + x | g)`` are reduced to ``(1 | g)``
+        (row ``"x in g"``), as lmerTest's default ``reduce.terms``, and with
+        independent effects ``(1 + x || g)`` the intercept is dropped too (row
+        ``"g"``).
+
+        Parameters
+        ----------
+        mixture : bool
+            False (default, lmerTest's): p-values from chi-square(Df).  True: from
+            the 50:50 mixture of chi-square(Df - 1) and chi-square(Df), the
+            asymptotic null distribution of a variance on its boundary (0);
+            for a single variance ``p = P(chi2_1 >= LRT) / 2`` (1 for an LRT of 0).
+        **fit_kwargs
+            Passed to the reduced fits (``maxiter``, ``tol``, ``n_jobs``,
+            ``max_memory``).  A fit with ``allow_negative_variance=True``
+            (FLASHMM's scoring) refits the reduced models the same way.
+
+        Returns
+        -------
+        DataFrame
+            Indexed by (gene, term): ``"<none>"`` (this model) and one row per
+            deleted term, named as :attr:`component_names` (``"x in g"`` for a
+            random slope); columns ``npar, logLik, AIC, LRT, Df, pvalue, padj``
+            (``padj``: Benjamini-Hochberg within each row, over the fitted
+            genes).  See :mod:`flashmm.ranova`.
+        """
+        from .model import MultiGeneMixedLM
+        from .ranova import ranova_table
+
+        negative = self.optimizer == "flashmm-scoring"      # FLASHMM's unconstrained fit
+
+        def refit(stats: Any) -> MultiGeneMixedLMResults:
+            return MultiGeneMixedLM.from_sufficient_stats(stats).fit(
+                reml=self.reml, df_method=self.df_method, allow_negative_variance=negative,
+                **fit_kwargs)
+
+        return ranova_table(self, refit, mixture=mixture)
+
     def compare_lr_test(self, restricted: MultiGeneMixedLMResults) -> pd.DataFrame:
         """Likelihood-ratio test against a nested (restricted) fit, gene by gene.
 
