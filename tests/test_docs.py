@@ -20,8 +20,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 @pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("sphinx", "numpydoc", "matplotlib")),
-    reason="building the docs needs sphinx, numpydoc and matplotlib (pip install '.[docs]')",
+    any(importlib.util.find_spec(m) is None for m in ("sphinx", "numpydoc", "matplotlib",
+                                                         "pydata_sphinx_theme")),
+    reason="building the docs needs sphinx, numpydoc, pydata-sphinx-theme and matplotlib "
+           "(pip install '.[docs]')",
 )
 def test_docs_build_without_warnings(tmp_path):
     out = tmp_path / "html"

@@ -38,7 +38,7 @@ def _load(name: str) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    out = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    out = [f".. list-table:: {title}", "   :header-rows: 1", "   :class: flashmm-numbers", ""]
     for row in [header, *rows]:
         out.append(f"   * - {row[0]}")
         out += [f"     - {c}" for c in row[1:]]

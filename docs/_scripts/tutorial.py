@@ -29,6 +29,8 @@ print(truth[truth["de"]].head())
 print(truth.loc[truth["de"], "de_celltype"].astype(str).value_counts().sort_index())
 
 # %% fit
+from pprint import pprint
+
 from flashmm import MultiGeneMixedLM
 
 model = MultiGeneMixedLM.from_formula(
@@ -37,7 +39,7 @@ model = MultiGeneMixedLM.from_formula(
 )
 res = model.fit()            # REML, Satterthwaite degrees of freedom
 print(res)
-print(res.exog_names)
+pprint(res.exog_names, compact=True)
 
 # %% summary
 treatment = [t for t in res.exog_names if ":trt[" in t]     # the effects of interest
@@ -143,5 +145,5 @@ print(one.wald_test(["cls[C1]:trt[T.B]", "cls[C2]:trt[T.B]", "cls[C3]:trt[T.B]"]
 import flashmm
 
 flashmm.write_results(adata, res, contrasts=contrasts)
-print(sorted(k for k in adata.varm if k.startswith("flashmm")))
+pprint(sorted(k for k in adata.varm if k.startswith("flashmm")), compact=True)
 print(flashmm.get_results_df(adata, contrast="C2").sort_values("pvalue").head(3))

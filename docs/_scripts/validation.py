@@ -45,7 +45,7 @@ def _rel(a, b, floor):  # noqa: ANN001, ANN202
 
 
 def _table(title: str, header: list[str], rows: list[list[str]], widths: str | None = None) -> str:
-    out = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    out = [f".. list-table:: {title}", "   :header-rows: 1", "   :class: flashmm-numbers", ""]
     for row in [header, *rows]:
         out.append(f"   * - {row[0]}")
         out += [f"     - {c}" for c in row[1:]]
