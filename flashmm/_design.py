@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from ._components import RandomComponent
 from ._errors import DesignError
-from ._exog_re import random_slopes_block
+from ._exog_re import SLOPES_KEY, random_slopes_block
 from ._formula_spec import VC_INDICATOR, VC_INTERCEPT, VC_PATSY, FormulaSpec
 from ._kinship import apply_group_cov
 from ._terms import TERMS_KEY, term_structure
@@ -294,7 +294,7 @@ def build_design(
     Z = sp.hstack(blocks, format="csr", dtype=np.float64)
     design = Design(X, names, Z, tuple(comps), gname if groups is not None else None)
     if exog_re is not None:
-        design.info["random_slopes"] = re_meta
+        design.info[SLOPES_KEY] = re_meta
     return design
 
 

@@ -16,7 +16,10 @@ import scipy.sparse as sp
 from ._components import RandomComponent
 from ._errors import DesignError
 
-__all__ = ["random_slopes_block"]
+__all__ = ["random_slopes_block", "SLOPES_KEY"]
+
+#: Key of the random-slope metadata in ``SufficientStats.info`` (names, dim, independent).
+SLOPES_KEY = "random_slopes"
 
 
 def random_slopes_block(exog_re: Any, group_codes: np.ndarray, group_levels: list[str],

@@ -26,6 +26,7 @@ from ._engine import (
     _warn_degenerate,
     _warn_not_converged,
 )
+from ._exog_re import SLOPES_KEY
 from ._fit_arrowhead import specialise
 from ._fit_theta import (
     ThetaCriterion,
@@ -49,7 +50,6 @@ from .results import MultiGeneMixedLMResults
 __all__ = ["fit_structured", "RandomSlopesResults",
            "RandomSlopesGeneResults", "SLOPES_KEY"]
 
-SLOPES_KEY = "random_slopes"
 
 #: lme4's ``isSingular`` tolerance on the bounded thetas.
 BOUNDARY_TOL = 1e-4
@@ -177,6 +177,8 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
       and the variance-component ratios, statsmodels' order and names.
     * :attr:`theta`: lme4's ``theta`` per gene.
     """
+
+    saved_engine: str | None = "structured"
 
     _fit: ThetaEngineFit
 

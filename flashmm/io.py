@@ -176,7 +176,7 @@ def write_results(
     if reloadable:
         import json
 
-        from ._persist import results_arrays
+        from ._results_file import results_arrays
 
         meta, arrays = results_arrays(results)
         adata.uns[key_added]["reloadable"] = {"meta": json.dumps(meta), **arrays}

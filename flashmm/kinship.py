@@ -329,6 +329,8 @@ class MissingPatternResults(MultiGeneMixedLMResults):
     ``wald_test``) are run on a part (:meth:`part_of`).
     """
 
+    saved_engine: str | None = None
+
     def __init__(self, parts: list[MultiGeneMixedLMResults], order: Sequence[str]) -> None:
         self.parts = parts
         self._order = pd.Index(list(order), name="gene")

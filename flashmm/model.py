@@ -33,6 +33,7 @@ from ._endog import (
 )
 from ._engine import fit_variance_ratios
 from ._errors import DesignError
+from ._exog_re import SLOPES_KEY
 from .results import MultiGeneMixedLMResults
 from .stats import SufficientStats
 
@@ -345,14 +346,14 @@ class MultiGeneMixedLM:
         if df_method not in _DF_METHODS:
             raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
         start = None if start_params is None else np.asarray(start_params, dtype=float)
-        structured = "random_slopes" in self.stats.info or len(self.stats.components) > 1
+        structured = SLOPES_KEY in self.stats.info or len(self.stats.components) > 1
         if structured and not allow_negative_variance:   # block engine: see _structure.py
             from ._slopes import fit_structured
 
             return fit_structured(self, reml=reml, start_params=start, maxiter=maxiter,
                                   tol=tol, df_method=df_method, n_jobs=n_jobs,
                                   max_memory=max_memory)
-        if allow_negative_variance and "random_slopes" in self.stats.info:
+        if allow_negative_variance and SLOPES_KEY in self.stats.info:
             raise DesignError("allow_negative_variance=True is not available with exog_re / "
                               "re_formula random slopes.")
         eng = fit_variance_ratios(

@@ -30,12 +30,11 @@ import scipy.sparse as sp
 from ._design import Design, _as_labels, _block_columns, indicator_block
 from ._endog import resolve_transform
 from ._errors import DesignError
+from ._exog_re import SLOPES_KEY
 from ._formula_spec import VC_INDICATOR, VC_INTERCEPT, FormulaSpec
-from ._slopes import SLOPES_KEY
 
 if TYPE_CHECKING:
     from ._components import RandomComponent
-    from .results import MultiGeneMixedLMResults
 
 __all__ = ["predict", "resid_for", "NewCells", "RANDOM_EFFECTS_OPTIONS"]
 
@@ -71,7 +70,7 @@ class NewCells:
 
 
 # --------------------------------------------------------------------- API
-def predict(results: MultiGeneMixedLMResults, exog: Any = None, groups: Any = None,
+def predict(results: Any, exog: Any = None, groups: Any = None,
             random_effects: bool | str = True, *, exog_vc: Mapping[str, Any] | None = None,
             exog_re: Any = None, genes: Any = None) -> pd.DataFrame:
     """Predictions, cells x genes; see :meth:`MultiGeneMixedLMResults.predict`."""
@@ -80,7 +79,7 @@ def predict(results: MultiGeneMixedLMResults, exog: Any = None, groups: Any = No
     return predict_cells(results, cells, random_effects, genes)
 
 
-def predict_cells(results: MultiGeneMixedLMResults, cells: NewCells,
+def predict_cells(results: Any, cells: NewCells,
                   random_effects: bool | str, genes: Any = None) -> pd.DataFrame:
     """``X b`` (+ ``Z u``) for the genes requested (positions, names or mask; default all)."""
     pos = gene_positions(results, genes)
@@ -93,7 +92,7 @@ def predict_cells(results: MultiGeneMixedLMResults, cells: NewCells,
     return pd.DataFrame(out, index=cells.index, columns=pd.Index(names, name="gene"))
 
 
-def resid_for(results: MultiGeneMixedLMResults, genes: Any, endog: Any, exog: Any = None,
+def resid_for(results: Any, genes: Any, endog: Any, exog: Any = None,
               groups: Any = None, random_effects: bool | str = True, *,
               exog_vc: Mapping[str, Any] | None = None, exog_re: Any = None,
               transform: Any = None) -> pd.DataFrame:
@@ -113,7 +112,7 @@ def check_random_effects_option(random_effects: Any) -> None:
         raise ValueError(f"random_effects must be True, False or 'known', got {random_effects!r}.")
 
 
-def gene_positions(results: MultiGeneMixedLMResults, genes: Any) -> np.ndarray:
+def gene_positions(results: Any, genes: Any) -> np.ndarray:
     """Positions of the requested genes (None: all)."""
     if genes is None:
         return np.arange(results.n_genes)
@@ -123,7 +122,7 @@ def gene_positions(results: MultiGeneMixedLMResults, genes: Any) -> np.ndarray:
 
 
 # ------------------------------------------------------------- new cells
-def new_cells(results: MultiGeneMixedLMResults, exog: Any, groups: Any,
+def new_cells(results: Any, exog: Any, groups: Any,
               random_effects: bool | str, exog_vc: Mapping[str, Any] | None,
               exog_re: Any) -> NewCells:
     """The designs of the cells to predict (the fitting cells when ``exog`` is None)."""
@@ -149,7 +148,7 @@ def _fitting_cells(design: Design, random_effects: bool | str) -> NewCells:
     return NewCells(design.exog, Z, pd.RangeIndex(design.nobs, name="cell"))
 
 
-def _formula_cells(results: MultiGeneMixedLMResults, spec: FormulaSpec, data: Any, groups: Any,
+def _formula_cells(results: Any, spec: FormulaSpec, data: Any, groups: Any,
                    want_re: bool, known: bool) -> NewCells:
     X = _formula_matrix(spec, "fixed", data)
     missing = [c for c in results.exog_names if c not in X.columns]
@@ -195,7 +194,7 @@ def _formula_groups(spec: FormulaSpec, data: pd.DataFrame, groups: Any) -> np.nd
     return _as_labels(data[spec.groups], f"groups column {spec.groups!r}", len(data))
 
 
-def _formula_sources(results: MultiGeneMixedLMResults, spec: FormulaSpec,
+def _formula_sources(results: Any, spec: FormulaSpec,
                      data: pd.DataFrame) -> dict[str, tuple[sp.csr_matrix, list[str]]]:
     """Block and column names of every variance component and of the random slopes."""
     n = len(data)
@@ -215,7 +214,7 @@ def _formula_sources(results: MultiGeneMixedLMResults, spec: FormulaSpec,
     return out
 
 
-def _array_cells(results: MultiGeneMixedLMResults, exog: Any, groups: Any,
+def _array_cells(results: Any, exog: Any, groups: Any,
                  exog_vc: Mapping[str, Any] | None, exog_re: Any, want_re: bool,
                  known: bool) -> NewCells:
     index = exog.index if isinstance(exog, (pd.DataFrame, pd.Series)) else None
@@ -239,7 +238,7 @@ def _array_cells(results: MultiGeneMixedLMResults, exog: Any, groups: Any,
     return NewCells(X, Z, pd.RangeIndex(n, name="cell") if index is None else index)
 
 
-def _array_exog(results: MultiGeneMixedLMResults, exog: Any) -> np.ndarray:
+def _array_exog(results: Any, exog: Any) -> np.ndarray:
     names = results.exog_names
     if isinstance(exog, pd.DataFrame):
         missing = [c for c in names if c not in exog.columns]
@@ -259,7 +258,7 @@ def _array_exog(results: MultiGeneMixedLMResults, exog: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------- random design
-def random_design(results: MultiGeneMixedLMResults, n: int, labels: np.ndarray | None,
+def random_design(results: Any, n: int, labels: np.ndarray | None,
                   sources: dict[str, tuple[sp.csr_matrix, list[str]]],
                   known: bool) -> sp.csr_matrix:
     """``Z`` of the new cells in the column order of the fit's ``Z``.
@@ -350,7 +349,7 @@ def _match_levels(keys: Sequence[str], levels: Sequence[str], name: str,
 
 
 # ------------------------------------------------------------ residuals
-def _responses(results: MultiGeneMixedLMResults, endog: Any, pos: np.ndarray, n: int,
+def _responses(results: Any, endog: Any, pos: np.ndarray, n: int,
                transform: Any) -> np.ndarray:
     """The requested genes' (transformed) expression, cells x genes."""
     names = [results.stats.gene_names[i] for i in pos]
@@ -384,7 +383,7 @@ def _columns_of(endog: Any, pos: np.ndarray, n_genes: int) -> np.ndarray | None:
                       f"just the {pos.size} requested (in that order), or a DataFrame.")
 
 
-def _transform_of(results: MultiGeneMixedLMResults, transform: Any) -> Any:
+def _transform_of(results: Any, transform: Any) -> Any:
     if transform is not None:
         return None if transform is False else resolve_transform(transform)[0]
     name = results.stats.transform

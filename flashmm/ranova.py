@@ -44,6 +44,7 @@ from scipy import stats as sps
 
 from ._components import RandomComponent
 from ._errors import ConvergenceWarning
+from ._exog_re import SLOPES_KEY
 from ._reduce import residual_ss
 from .contrasts import bh_adjust
 
@@ -53,7 +54,6 @@ COLUMNS = ["npar", "logLik", "AIC", "LRT", "Df", "pvalue", "padj"]
 #: with ``mixture=True``, an LRT below this times ``max(1, |logLik|)`` counts as 0 (round-off)
 ZERO_LRT = 1e-9
 NONE_ROW = "<none>"
-SLOPES_KEY = "random_slopes"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,9 @@ class MultiGeneMixedLMResults:
     statsmodels' ``MixedLMResults``.  Use :meth:`gene` for a one-gene view.
     """
 
+    #: how ``save`` records the engine (:mod:`flashmm._results_file`); None: not saveable
+    saved_engine: str | None = "one-component"
+
     def __init__(self, model: Any, fit: EngineFit, df_method: str = "satterthwaite") -> None:
         self.model = model
         self._fit = fit
@@ -541,13 +544,12 @@ class MultiGeneMixedLMResults:
             (``padj``: Benjamini-Hochberg within each row, over the fitted
             genes).  See :mod:`flashmm.ranova`.
         """
-        from .model import MultiGeneMixedLM
         from .ranova import ranova_table
 
         negative = self.optimizer == "flashmm-scoring"      # FLASHMM's unconstrained fit
 
         def refit(stats: Any) -> MultiGeneMixedLMResults:
-            return MultiGeneMixedLM.from_sufficient_stats(stats).fit(
+            return type(self.model).from_sufficient_stats(stats).fit(
                 reml=self.reml, df_method=self.df_method, allow_negative_variance=negative,
                 **fit_kwargs)
 
@@ -743,7 +745,7 @@ class MultiGeneMixedLMResults:
 
     def save(self, path: Any, design: bool = True) -> None:
         """Write the results to one ``.npz`` file (no pickle); see :func:`flashmm.load_results`."""
-        from ._persist import save_results
+        from ._results_file import save_results
 
         save_results(self, path, design=design)
 
