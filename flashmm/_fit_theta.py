@@ -232,6 +232,22 @@ def _small_spd_inverse(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _bmm(np.swapaxes(Li, -1, -2), Li), logdet
 
 
+def forward_hessian(gradient: Any, theta: np.ndarray, grad: np.ndarray, rel_step: float = 1e-6
+                    ) -> np.ndarray:
+    """Forward difference of ``gradient(theta) -> (f, grad)`` at ``theta``, symmetrised (G, t, t).
+
+    ``grad`` is the gradient at ``theta``; the step is ``rel_step max(1, |theta|)``.
+    """
+    G, t = theta.shape
+    H = np.empty((G, t, t))
+    h = rel_step * np.maximum(1.0, np.abs(theta))
+    for j in range(t):
+        e = np.zeros_like(theta)
+        e[:, j] = h[:, j]
+        H[:, :, j] = (gradient(theta + e)[1] - grad) / h[:, j, None]
+    return _sym(H)
+
+
 def _flat(v: np.ndarray) -> np.ndarray:
     """Group-block form (G, m, s, k) as one matrix per gene (G, m s, k), for BLAS products."""
     return v.reshape(v.shape[0], int(np.prod(v.shape[1:-1])), v.shape[-1])
@@ -514,14 +530,7 @@ class ThetaCriterion:
         vanishes.  Standard errors and Satterthwaite df use central
         differences (:func:`varpar_information`).
         """
-        G, t = theta.shape
-        H = np.empty((G, t, t))
-        h = rel_step * np.maximum(1.0, np.abs(theta))
-        for j in range(t):
-            e = np.zeros_like(theta)
-            e[:, j] = h[:, j]
-            H[:, :, j] = (self.gradient(theta + e)[1] - grad) / h[:, j, None]
-        return _sym(H)
+        return forward_hessian(self.gradient, theta, grad, rel_step)
 
 
 @dataclass

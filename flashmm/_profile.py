@@ -52,7 +52,7 @@ from scipy import stats as sps
 from ._engine import _gene_scale
 from ._fit_arrowhead import specialise
 from ._fit_eigen import EigenCriterion, fit_ratio_eigen
-from ._fit_theta import ThetaCriterion, minimise_theta
+from ._fit_theta import ThetaCriterion, forward_hessian, minimise_theta
 from ._newton import projected_newton
 from ._reduce import reduce_stats
 from ._structure import analyse_structure
@@ -482,7 +482,7 @@ class _TiedSigma:
         """``P``, gradient, Hessian (exact for block variance components, else differences)."""
         if not hasattr(self.crit, "theta_derivatives"):
             f, grad = self.gradient(theta)
-            return f, grad, _fd_hessian(self.gradient, theta, grad)
+            return f, grad, forward_hessian(self.gradient, theta, grad)
         S, dS, dL, d2S, d2L = self.crit.theta_derivatives(theta)
         L = self.crit.parts(theta, grad=False)[1]
         j, m = self.j, self.crit.m
@@ -520,7 +520,7 @@ class _HeldSigma:
         """``P``, gradient, Hessian (exact for block variance components, else differences)."""
         if not hasattr(self.crit, "theta_derivatives"):
             f, grad = self.gradient(theta)
-            return f, grad, _fd_hessian(self.gradient, theta, grad)
+            return f, grad, forward_hessian(self.gradient, theta, grad)
         S, dS, dL, d2S, d2L = self.crit.theta_derivatives(theta)
         f = self.value(theta)
         s = self.s
@@ -547,19 +547,6 @@ class _HeldZero:
         f, grad, hess = self.crit.newton_terms(self.full(x))
         keep = np.delete(np.arange(grad.shape[1]), self.j)
         return f, grad[:, keep], hess[:, keep][:, :, keep]
-
-
-def _fd_hessian(gradient: Any, theta: np.ndarray, grad: np.ndarray, rel_step: float = 1e-6
-                ) -> np.ndarray:
-    """Forward difference of an analytic gradient, symmetrised (as ThetaCriterion.hessian)."""
-    G, t = theta.shape
-    H = np.empty((G, t, t))
-    h = rel_step * np.maximum(1.0, np.abs(theta))
-    for k in range(t):
-        e = np.zeros_like(theta)
-        e[:, k] = h[:, k]
-        H[:, :, k] = (gradient(theta + e)[1] - grad) / h[:, k, None]
-    return 0.5 * (H + np.swapaxes(H, 1, 2))
 
 
 @dataclass
