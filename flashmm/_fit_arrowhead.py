@@ -60,7 +60,6 @@ class _Arrow:
     ZXc: np.ndarray       # (m, c, p)
     P2c: np.ndarray       # (m c, p p) outer products of the children's Z'X rows
     pos: np.ndarray       # (s, t) slot position -> parameter (one-hot)
-    th_of: np.ndarray     # (s,) parameter of each slot position (-1: never used)
 
     @classmethod
     def of(cls, crit: ThetaCriterion) -> _Arrow:
@@ -75,11 +74,12 @@ class _Arrow:
         pos = np.zeros((s, crit.st.n_theta))
         pos[np.flatnonzero(th_of >= 0), th_of[th_of >= 0]] = 1.0
         return cls(n0, a, d, a2d, n0 - a2d.sum(axis=1), np.ascontiguousarray(ZX[:, 0]), ZXc,
-                   P2c, pos, th_of)
+                   P2c, pos)
 
 
 def _position_parameters(slot_theta: np.ndarray) -> np.ndarray:
-    """The parameter of each slot position, or None-like -2 when positions mix parameters."""
+    """The parameter of each slot position (-1: always empty); all -2 when a position
+    holds different parameters in different blocks (the closed form does not apply)."""
     out = np.full(slot_theta.shape[1], -1)
     for k in range(slot_theta.shape[1]):
         vals = np.unique(slot_theta[:, k][slot_theta[:, k] >= 0])
@@ -250,8 +250,11 @@ class ArrowheadCriterion(VCBlockCriterion):
         b = np.einsum("gij,gj->gi", C, XVy)
         return _GLSCore(ar, bl, zy0, zyc, ae, wzy, ut, XVX, XVy, C, b)
 
-    def gls_closed_form(self, theta: np.ndarray) -> ThetaGLS:
-        """:func:`~flashmm._fit_theta.gls_theta` in closed form: ``b``, ``C``, ``N r`` and ``diag N``."""
+    def gls(self, theta: np.ndarray) -> ThetaGLS:
+        """:meth:`ThetaCriterion.gls <flashmm._fit_theta.ThetaCriterion.gls>` in closed form.
+
+        ``b`` and ``C`` from the block sums, BLUPs ``N r`` and conditional variances ``diag N``.
+        """
         G, p, q = theta.shape[0], self.XX.shape[0], self.st.q
         out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
         for idx in self.chunks():
@@ -268,7 +271,7 @@ class ArrowheadCriterion(VCBlockCriterion):
 
     def contrast_variance_gradient(self, theta: np.ndarray, scale: np.ndarray, Wc: np.ndarray
                                    ) -> np.ndarray:
-        """``dv/dtheta`` (G, r, t) of ``v = s c'Cc`` for the rows ``Wc = C c`` (G, r, p).
+        """The general criterion's ``dv/dtheta`` in closed form.
 
         ``dv/dg_j = s sum_{k in j} (E_k'C c)^2`` (``E = Z'V^-1X``), then ``2 theta_j`` of it.
         """

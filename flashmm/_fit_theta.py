@@ -505,6 +505,67 @@ class ThetaCriterion:
         o = self.zz.matvec(*lam.apply(*w))
         return z[0] - o[0], z[1] - o[1]
 
+    def gls(self, theta: np.ndarray) -> ThetaGLS:
+        """Fixed effects, their covariance, BLUPs and conditional variances at ``theta``.
+
+        Block by block: linear in the number of groups.
+        """
+        G, p, q = theta.shape[0], self.XX.shape[0], self.st.q
+        out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
+        for idx in self.chunks():
+            sol = self.solve(theta[idx], idx)
+            out.fe_params[idx] = sol.b
+            out.cov_unscaled[idx] = sol.C
+            lu = sol.lam.apply(*sol.u())
+            out.blup_unscaled[idx] = self.zz.join(lu[0][..., 0], lu[1][..., 0])
+            Minv, _ = sol.fac.inverse_blocks()
+            L = sol.lam.blocks
+            cv1 = np.einsum("gmab,gmbc,gmac->gma", np.broadcast_to(L, Minv.shape), Minv,
+                            np.broadcast_to(L, Minv.shape))
+            cv2 = sol.lam.dvec ** 2 * np.diagonal(sol.fac.Scinv, axis1=1, axis2=2)
+            out.condvar_unscaled[idx] = self.zz.join(cv1, cv2)
+        return out
+
+    def contrast_variance_gradient(self, theta: np.ndarray, scale: np.ndarray, Wc: np.ndarray
+                                   ) -> np.ndarray:
+        """``dv/dtheta`` (G, r, t) of ``v = s c'Cc`` for the rows ``Wc = C c`` (G, r, p).
+
+        With ``w = Z'X C c``, ``k = M^-1 Lambda' w`` and ``a = w - ZZ Lambda k``:
+        ``dv/dtheta_j = 2 s sum_{(k,l) in supp Lambda_j} a_k k_l``.
+        """
+        G, r = Wc.shape[:2]
+        out = np.empty((G, r, theta.shape[1]))
+        zz = self.zz
+        m, s, p = zz.ZX1.shape
+        for idx in self.chunks():
+            lam = self.st.lam(theta[idx])
+            fac = MFactor.build(zz, lam)
+            WcT = np.swapaxes(Wc[idx], 1, 2)                              # (G, p, r)
+            w = ((zz.ZX1.reshape(m * s, p) @ WcT).reshape(len(idx), m, s, -1), zz.ZX2 @ WcT)
+            k = fac.solve(*lam.t(*w))
+            a = self.minus_zz_lambda(w, lam, k)
+            out[idx] = 2.0 * scale[idx, None, None] * self.st.pair_sums(a, k, contract=False)
+        return out
+
+    def deviance_theta_hessian(self, theta: np.ndarray, s2: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``S``, ``dS/dtheta`` and the theta block of the deviance Hessian at residual variance ``s2``.
+
+        Central differences of the analytic gradients of the log-determinant
+        term and ``S`` (step ``1e-5 max(1, |theta|)``).
+        """
+        G, t = theta.shape
+        h = 1e-5 * np.maximum(1.0, np.abs(theta))
+        S, _, dS, _ = self.parts(theta)
+        Hth = np.empty((G, t, t))
+        for j in range(t):
+            e = np.zeros_like(theta)
+            e[:, j] = h[:, j]
+            _, _, dSp, dlp = self.parts(theta + e)
+            _, _, dSm, dlm = self.parts(theta - e)
+            Hth[:, :, j] = (dlp - dlm + (dSp - dSm) / s2[:, None]) / (2.0 * h[:, j, None])
+        return S, dS, Hth
+
     def value(self, theta: np.ndarray) -> np.ndarray:
         """Criterion per gene."""
         S, logdet, _, _ = self.parts(theta, grad=False)
@@ -781,26 +842,10 @@ class ThetaGLS:
 def gls_theta(crit: ThetaCriterion, theta: np.ndarray) -> ThetaGLS:
     """Fixed effects, their covariance, BLUPs and conditional variances at ``theta`` (G, t).
 
-    ``crit`` must be built on unscaled statistics (``c = 1``).  Block by block:
-    linear in the number of groups.
+    ``crit`` must be built on unscaled statistics (``c = 1``); see
+    :meth:`ThetaCriterion.gls`.
     """
-    if hasattr(crit, "gls_closed_form"):            # arrowhead blocks
-        return crit.gls_closed_form(theta)
-    G, p, q = theta.shape[0], crit.XX.shape[0], crit.st.q
-    out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
-    for idx in crit.chunks():
-        sol = crit.solve(theta[idx], idx)
-        out.fe_params[idx] = sol.b
-        out.cov_unscaled[idx] = sol.C
-        lu = sol.lam.apply(*sol.u())
-        out.blup_unscaled[idx] = crit.zz.join(lu[0][..., 0], lu[1][..., 0])
-        Minv, _ = sol.fac.inverse_blocks()
-        L = sol.lam.blocks
-        cv1 = np.einsum("gmab,gmbc,gmac->gma", np.broadcast_to(L, Minv.shape), Minv,
-                        np.broadcast_to(L, Minv.shape))
-        cv2 = sol.lam.dvec ** 2 * np.diagonal(sol.fac.Scinv, axis1=1, axis2=2)
-        out.condvar_unscaled[idx] = crit.zz.join(cv1, cv2)
-    return out
+    return crit.gls(theta)
 
 
 def condcov_groups(crit: ThetaCriterion, theta: np.ndarray) -> np.ndarray:
@@ -824,20 +869,7 @@ def varpar_information(crit: ThetaCriterion, theta: np.ndarray, sigma: np.ndarra
     the log-determinant term and ``S``; the sigma entries are analytic.
     (lmerTest uses the same Hessian, by finite differences of the deviance.)
     """
-    G, t = theta.shape
-    s2 = sigma * sigma
-    if hasattr(crit, "theta_derivatives"):          # exact Hessians (block variance components)
-        S, dS, _, d2S, d2L = crit.theta_derivatives(theta)
-        return _deviance_hessian(crit, d2L + d2S / s2[:, None, None], S, dS, sigma)
-    h = 1e-5 * np.maximum(1.0, np.abs(theta))
-    S, _, dS, _ = crit.parts(theta)
-    Hth = np.empty((G, t, t))
-    for j in range(t):
-        e = np.zeros_like(theta)
-        e[:, j] = h[:, j]
-        _, _, dSp, dlp = crit.parts(theta + e)
-        _, _, dSm, dlm = crit.parts(theta - e)
-        Hth[:, :, j] = (dlp - dlm + (dSp - dSm) / s2[:, None]) / (2.0 * h[:, j, None])
+    S, dS, Hth = crit.deviance_theta_hessian(theta, sigma * sigma)
     return _deviance_hessian(crit, Hth, S, dS, sigma)
 
 
@@ -892,18 +924,7 @@ def satterthwaite_theta(crit: ThetaCriterion, theta: np.ndarray, scale: np.ndarr
     v = scale[:, None] * np.einsum("grb,grb->gr", Lg, Wc)
     grad = np.empty(v.shape + (t + 1,))
     grad[..., t] = 2.0 * v / sigma[:, None]
-    if hasattr(crit, "contrast_variance_gradient"):  # arrowhead blocks
-        grad[..., :t] = crit.contrast_variance_gradient(theta, scale, Wc)
-    zz = crit.zz
-    for idx in ([] if hasattr(crit, "contrast_variance_gradient") else crit.chunks()):
-        lam = crit.st.lam(theta[idx])
-        fac = MFactor.build(zz, lam)
-        m, s, p = zz.ZX1.shape
-        WcT = np.swapaxes(Wc[idx], 1, 2)                                  # (G, p, r)
-        w = ((zz.ZX1.reshape(m * s, p) @ WcT).reshape(len(idx), m, s, -1), zz.ZX2 @ WcT)
-        k = fac.solve(*lam.t(*w))
-        a = crit.minus_zz_lambda(w, lam, k)
-        grad[idx, :, :t] = 2.0 * scale[idx, None, None] * crit.st.pair_sums(a, k, contract=False)
+    grad[..., :t] = crit.contrast_variance_gradient(theta, scale, Wc)
     free = free_parameters(crit.st, theta)
     A = varpar_covariance(info, free)
     gr = grad * free[:, None, :]

@@ -227,6 +227,12 @@ class VCBlockCriterion(ThetaCriterion):
             dL[idx], d2L[idx] = _to_theta(th, ev.dL, ev.d2L)
         return S, dS, dL, d2S, d2L
 
+    def deviance_theta_hessian(self, theta: np.ndarray, s2: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As the general criterion's, from the exact Hessians of ``S`` and the log-determinants."""
+        S, dS, _, d2S, d2L = self.theta_derivatives(theta)
+        return S, dS, d2L + d2S / s2[:, None, None]
+
     def newton_terms(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Criterion, gradient and exact Hessian in ``theta``."""
         G, t = theta.shape

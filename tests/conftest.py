@@ -19,6 +19,16 @@ import pytest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE / "reference"
+
+#: The random effects of the lmerTest references (tests/reference/anova, ranova): one
+#: component, nested, crossed and three components over donors, cell types and batches.
+DONOR_DESIGNS = {
+    "one": {"groups": "donor"},
+    "nested": {"groups": "donor", "re_formula": "1", "vc_formula": {"dct": "0 + C(ct)"}},
+    "crossed": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "batch": "0 + C(batch)"}},
+    "three": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "dct": "0 + C(donor):C(ct)",
+                                             "batch": "0 + C(batch)"}},
+}
 FLASHMM_SIM = REFERENCE / "flashmm_sim"   # R FLASHMM 1.3.0 outputs on a simulated study
 RECLA = REFERENCE / "recla"               # recla mice (kinship), lmmlite's example data
 

@@ -34,18 +34,12 @@ from functools import cache
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REFERENCE
+from conftest import DONOR_DESIGNS, REFERENCE
 
 from flashmm import MultiGeneMixedLM, TermError
 
 ANOVA = REFERENCE / "anova"
-RANDOM = {
-    "one": {"groups": "donor"},
-    "nested": {"groups": "donor", "re_formula": "1", "vc_formula": {"dct": "0 + C(ct)"}},
-    "crossed": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "batch": "0 + C(batch)"}},
-    "three": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "dct": "0 + C(donor):C(ct)",
-                                             "batch": "0 + C(batch)"}},
-}
+RANDOM = dict(DONOR_DESIGNS)
 RANDOM["nested_ML"] = RANDOM["nested"]                 # the nested design fitted by ML
 FIXED = {"main": "~ ct * trt + x", "order": "~ ct * trt + x:trt", "nointercept": "~ 0 + ct + ct:trt",
          "nomain": "~ ct + ct:trt + x", "xfirst": "~ x + ct + ct:trt"}

@@ -27,7 +27,7 @@ from functools import cache
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REFERENCE
+from conftest import DONOR_DESIGNS, REFERENCE
 from scipy import stats as sps
 
 from flashmm import MultiGeneMixedLM
@@ -36,11 +36,7 @@ RANOVA = REFERENCE / "ranova"
 GENES = [f"g{i:02d}" for i in range(1, 9)]
 FORMULA = "~ ct * trt + x"
 RANDOM = {
-    "one": {"groups": "donor"},
-    "nested": {"groups": "donor", "re_formula": "1", "vc_formula": {"dct": "0 + C(ct)"}},
-    "crossed": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "batch": "0 + C(batch)"}},
-    "three": {"groups": None, "vc_formula": {"donor": "0 + C(donor)", "dct": "0 + C(donor):C(ct)",
-                                             "batch": "0 + C(batch)"}},
+    **DONOR_DESIGNS,
     "slopes": {"groups": "donor", "re_formula": "~ 1 + x"},
     "slopes_nested": {"groups": "donor", "re_formula": "~ 1 + x", "vc_formula": {"dct": "0 + C(ct)"}},
     "indep": {"groups": "donor", "re_formula": "~ 1 + x", "independent_re": True},
