@@ -21,6 +21,7 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -30,8 +31,8 @@ from typing import Any
 import numpy as np  # formulas such as np.log(libsize) are evaluated in this namespace
 import pandas as pd
 
-from ._endog import DEFAULT_CHUNK_CELLS
 from ._errors import FlashmmError
+from ._pass import DEFAULT_CHECKPOINT_EVERY
 from ._version import __version__
 
 __all__ = ["main", "build_parser"]
@@ -81,21 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--df-method", default="satterthwaite",
                      choices=["satterthwaite", "residual", "normal"], help="test df (default satterthwaite)")
     fit.add_argument("--max-memory", default=None, metavar="SIZE",
-                     help="memory the fit may use, e.g. 8GB (default: half of the RAM); a model "
-                          "that needs more is refused before fitting")
+                     help="memory the pass and the fit may use, e.g. 8GB (default: half of the RAM); "
+                          "sets the chunk size of the pass; a model that needs more is refused "
+                          "before fitting")
     fit.add_argument("--jobs", type=int, default=None, metavar="N",
                      help="threads for several components and random slopes (default: all cores)")
     fit.add_argument("--out", required=True, help="output CSV (tidy table)")
     fit.add_argument("--write-h5ad", metavar="OUT.h5ad",
                      help="also write obs/var and the results (write_results) to this .h5ad (X not copied)")
     fit.add_argument("--save-stats", metavar="STATS.npz", help="also save the sufficient statistics")
-    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--quiet", action="store_true",
+                     help="no progress bars and no information lines (chunking, pass summary)")
 
     st = sub.add_parser("stats", help="compute and save the sufficient statistics of an .h5ad file")
     st.add_argument("input", help="input .h5ad file (read backed)")
     _add_design_args(st, required=True)
-    st.add_argument("--out", required=True, help="output .npz file")
-    st.add_argument("--quiet", action="store_true", help="no progress bar")
+    st.add_argument("--out", required=True,
+                    help="output .npz file (written atomically; a checkpoint OUT.checkpoint.npz "
+                         "beside it lets a killed run resume when rerun with the same command)")
+    st.add_argument("--max-memory", default=None, metavar="SIZE",
+                    help="memory the pass may use, e.g. 2GB (default: half of the RAM); sets the "
+                         "chunk size unless --chunk-size is given")
+    st.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+                    help=f"chunks between checkpoints (default {DEFAULT_CHECKPOINT_EVERY})")
+    st.add_argument("--quiet", action="store_true",
+                    help="no progress bar and no information lines (chunking, pass summary)")
     return parser
 
 
@@ -114,8 +125,8 @@ def _add_design_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--layer", help="use adata.layers[LAYER] instead of adata.X")
     p.add_argument("--transform", default=None, choices=["log2p1", "log1p"],
                    help="transform of the values (default none)")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_CELLS,
-                   help=f"cells per chunk (default {DEFAULT_CHUNK_CELLS})")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="cells per chunk (default: from --max-memory, logged)")
 
 
 def _design_flags_given(args: argparse.Namespace) -> list[str]:
@@ -149,7 +160,12 @@ def _read_h5ad(path: str) -> Any:
         raise CLIError(f"cannot read {path!r} as an .h5ad file: {str(err).splitlines()[0]}") from None
 
 
-def _compute_stats(args: argparse.Namespace) -> tuple[Any, Any]:
+def checkpoint_path(out: str) -> str:
+    """The checkpoint file of ``flashmm stats --out OUT``: ``OUT.checkpoint.npz`` beside it."""
+    return f"{out}.checkpoint.npz"
+
+
+def _compute_stats(args: argparse.Namespace, checkpoint: str | None = None) -> tuple[Any, Any]:
     """One backed pass over the cells; returns (stats, adata)."""
     from ._anndata import anndata_inputs
     from ._design import build_formula_design
@@ -164,10 +180,11 @@ def _compute_stats(args: argparse.Namespace) -> tuple[Any, Any]:
     design = build_formula_design(args.formula, obs, groups=args.groups, vc_formula=vc,
                                   re_formula=_re_formula(args),
                                   independent_re=args.independent_re)
-    with Progress(len(obs), "cells", enabled=not args.quiet) as bar:
-        stats = SufficientStats.from_design(design, endog, transform=args.transform,
-                                            chunk_size=args.chunk_size, gene_names=genes,
-                                            progress=bar)
+    with Progress(len(obs), "cells", enabled=not args.quiet and sys.stderr.isatty()) as bar:
+        stats = SufficientStats.from_design(
+            design, endog, transform=args.transform, chunk_size=args.chunk_size, gene_names=genes,
+            progress=bar, max_memory=args.max_memory, checkpoint=checkpoint,
+            checkpoint_every=getattr(args, "checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
     return stats, adata
 
 
@@ -182,7 +199,7 @@ def _re_formula(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats, adata = _compute_stats(args)
+    stats, adata = _compute_stats(args, checkpoint_path(args.out))
     stats.save(args.out)
     _close(adata)
     print(f"flashmm: saved statistics of {stats.n} cells x {stats.n_genes} genes to {args.out}",
@@ -383,12 +400,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version or a usage error
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    handler = _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
         return _COMMANDS[args.command](args)
     except (FlashmmError, ValueError, OSError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"flashmm: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("flashmm").removeHandler(handler)
+
+
+def _log_to_stderr(quiet: bool) -> logging.Handler:
+    """Show the ``flashmm`` logger's information lines (chunking, pass summary) on stderr.
+
+    With ``--quiet`` only warnings are shown.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.setFormatter(logging.Formatter("flashmm: %(message)s"))
+    log = logging.getLogger("flashmm")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
 
 
 if __name__ == "__main__":  # pragma: no cover

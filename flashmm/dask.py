@@ -33,7 +33,8 @@ from ._endog import (
     resolve_transform,
 )
 from ._errors import DataError
-from .stats import SufficientStats, accumulate, empty_partial
+from ._kernel import TRANSFORM_CODES, Accumulators, KernelDesign, accumulate_chunk
+from .stats import SufficientStats, empty_partial
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -139,6 +140,8 @@ def stats_from_dask(
     _, n_genes = check_orientation(endog, design.nobs)
     names = gene_names_of(None, n_genes, gene_names)
     func, tname = resolve_transform(transform)
+    # named transforms run in the kernel; a callable is applied by numpy first
+    code = TRANSFORM_CODES.get(transform) if transform is None or isinstance(transform, str) else None
     fan_in = DEFAULT_SPLIT_EVERY if split_every is None else int(split_every)
     if fan_in < 2:
         raise ValueError(f"split_every must be at least 2, got {split_every}.")
@@ -166,7 +169,7 @@ def stats_from_dask(
     for j, (a, b) in enumerate(itertools.pairwise(col_starts)):
         names_j = dask.delayed(names[a:b], pure=True, traverse=False)
         leaves = [
-            chunk_task(blocks[i, j], X_parts[i], Z_parts[i], func, names_j)
+            chunk_task(blocks[i, j], X_parts[i], Z_parts[i], func, code, names_j)
             for i in range(len(row_chunks))
         ]
         per_gene_block.append(_tree_sum(leaves, fan_in))
@@ -216,31 +219,36 @@ def stats_from_anndata_dask(
 
 
 # --------------------------------------------------------------------- tasks
-def _as_block(block: Any) -> np.ndarray | sp.csr_matrix:
-    """One chunk as a float64 ndarray or canonical CSR matrix."""
+def _as_block(block: Any) -> np.ndarray | sp.spmatrix:
+    """One chunk as an ndarray or a CSR/CSC matrix in its stored dtype (canonicalised by the kernel)."""
     if sp.issparse(block):
-        out = sp.csr_matrix(block, dtype=np.float64)
-        if not out.has_canonical_format:
-            out = out.copy()
-            out.sum_duplicates()
-        return out
+        return block if block.format in ("csr", "csc") else sp.csr_matrix(block)
     if hasattr(block, "to_scipy_sparse"):  # pydata/sparse COO chunks
         return _as_block(block.to_scipy_sparse())
-    arr = np.asarray(block, dtype=np.float64)
+    arr = np.asarray(block)
+    arr = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
     return arr[:, None] if arr.ndim == 1 else arr
 
 
-def _chunk_partial(block: Any, X: np.ndarray, Z: sp.csr_matrix, transform: Any,
+def _chunk_partial(block: Any, X: np.ndarray, Z: sp.csr_matrix, transform: Any, code: int | None,
                    gene_names: list[str]) -> Partial:
-    """Partial ``X'Y``, ``Z'Y`` and ``sum y^2`` of one chunk of cells."""
-    values = apply_transform(_as_block(block), transform, gene_names)
+    """Partial ``X'Y``, ``Z'Y``, ``sum y^2`` and cell counts of one chunk (the pass's kernel)."""
+    values = _as_block(block)
+    if code is None:
+        values, code = apply_transform(values, transform, gene_names), 0
+    else:
+        apply_transform(values, None, gene_names)     # NaN/inf: the error naming the gene
     if values.shape[0] != X.shape[0]:  # pragma: no cover - guarded by the chunks
         raise DataError(
             f"a chunk has {values.shape[0]} rows but its design slice has {X.shape[0]}."
         )
-    partial = empty_partial(X.shape[1], Z.shape[1], values.shape[1])
-    accumulate(partial, X, Z, values)
-    return partial
+    acc = Accumulators.zeros(X.shape[1], Z.shape[1], values.shape[1])
+
+    def negative() -> None:
+        apply_transform(values, transform, gene_names)
+
+    accumulate_chunk(acc, KernelDesign.of(X, Z), 0, values, code, negative)
+    return acc.as_partial()
 
 
 def _combine(parts: list[Partial]) -> Partial:
@@ -272,6 +280,7 @@ def _finish(template: SufficientStats, parts: list[Partial]) -> SufficientStats:
         XY=np.concatenate([p["XY"] for p in parts], axis=1),
         ZY=np.concatenate([p["ZY"] for p in parts], axis=1),
         yy=np.concatenate([p["yy"] for p in parts]),
+        n_cells=np.concatenate([p["n_cells"] for p in parts]),
         exog_names=list(template.exog_names),
         gene_names=list(template.gene_names),
         info=dict(template.info),

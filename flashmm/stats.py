@@ -17,19 +17,18 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ._checkpoint import save_npz_atomic
 from ._design import Design, RandomComponent
 from ._endog import (
-    DEFAULT_CHUNK_CELLS,
     Transform,
     check_orientation,
-    describe_nonfinite,
     gene_names_of,
-    iter_chunks,
     prepare_endog,
-    raise_nonfinite,
     resolve_transform,
 )
-from ._errors import DataError, StatsError
+from ._errors import StatsError
+from ._kernel import TRANSFORM_CODES, Accumulators, KernelDesign, accumulate_chunk
+from ._pass import DEFAULT_CHECKPOINT_EVERY, canonical_input, run_pass
 from ._version import __version__
 
 __all__ = ["SufficientStats", "FILE_FORMAT", "FILE_VERSION"]
@@ -71,6 +70,9 @@ class SufficientStats:
         Name of the transform applied to the expression values.
     info : dict
         Provenance (formula, groups, ...), JSON-serialisable.
+    n_cells : ndarray of int64, shape (n_genes,), optional
+        Number of cells in which each gene has a non-zero (transformed) value;
+        None for statistics saved before it was recorded.
     """
 
     XX: np.ndarray
@@ -85,6 +87,7 @@ class SufficientStats:
     gene_names: list[str]
     transform: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    n_cells: np.ndarray | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -119,23 +122,34 @@ class SufficientStats:
         design: Design,
         endog: Any,
         transform: Transform = None,
-        chunk_size: int = DEFAULT_CHUNK_CELLS,
+        chunk_size: int | None = None,
         gene_names: Sequence[str] | None = None,
         progress: Callable[[int], None] | None = None,
         make_unique: bool = False,
+        *,
+        max_memory: int | float | str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ) -> SufficientStats:
         """Compute the statistics in one pass over the cells of ``endog``.
+
+        Every chunk of cells is read once, in its stored dtype, by a fused
+        kernel running on all cores (numba; ``numba.set_num_threads`` sets the
+        threads), while the next chunk is read in the background.
 
         Parameters
         ----------
         design : Design
             Fixed and random designs of the cells.
         endog : ndarray, scipy.sparse matrix, DataFrame or backed matrix
-            Expression, cells x genes. Sparse input stays sparse.
+            Expression, cells x genes (CSR, CSC or dense; float32 or float64).
+            Sparse input stays sparse.
         transform : {None, "log2p1", "log1p"} or callable
-            Applied to each chunk before the statistics are accumulated.
-        chunk_size : int
-            Cells per chunk; memory is bounded by ``chunk_size x n_genes``.
+            Applied to the values before the statistics are accumulated (by
+            the kernel for the named transforms, by numpy for a callable).
+        chunk_size : int, optional
+            Cells per chunk. By default the chunk size is chosen from
+            ``max_memory`` (two chunks are held at once) and logged.
         gene_names : sequence of str, optional
             Gene names (default: DataFrame columns or ``gene0, gene1, ...``).
         progress : callable, optional
@@ -144,26 +158,26 @@ class SufficientStats:
             Duplicate gene names raise a :class:`~flashmm.DataError` by default;
             with ``make_unique=True`` they are renamed like anndata's
             ``var_names_make_unique`` (``"A", "A-1", "A-2"``) with a warning.
+        max_memory : int, float or str, optional
+            Memory the pass may use, e.g. ``"2GB"`` (default: half of the RAM).
+        checkpoint : str or PathLike, optional
+            A checkpoint file, written every ``checkpoint_every`` chunks. If it
+            exists when the pass starts, the pass resumes from it (and gives
+            the same statistics as an uninterrupted pass); a checkpoint of
+            another input, design, transform or chunking is refused with a
+            :class:`~flashmm.StatsError`. It is deleted when the pass ends.
+        checkpoint_every : int
+            Chunks between two checkpoints.
         """
         n, n_genes = check_orientation(endog, design.nobs)
         names = gene_names_of(endog, n_genes, gene_names, make_unique=make_unique)
         func, tname = resolve_transform(transform)
-        endog = prepare_endog(endog)
-        partial = empty_partial(design.k_fe, design.exog_re.shape[1], n_genes)
-        for start, stop, block in iter_chunks(endog, chunk_size, func, names, check_finite=False):
-            accumulate(partial, design.exog[start:stop], design.exog_re[start:stop], block)
-            finite = np.isfinite(partial["yy"])      # NaN/inf anywhere shows up here
-            if not finite.all():
-                try:
-                    raise_nonfinite(block, names, names[int(np.argmin(finite))])
-                except DataError as err:
-                    if "NaN or inf" not in str(err):
-                        raise
-                    raise DataError(f"{err} In all: {describe_nonfinite(endog, chunk_size)} "
-                                    "(flashmm.kinship.fit_missing_patterns fits each "
-                                    "missing pattern of the genes separately).") from None
-            if progress is not None:
-                progress(stop - start)
+        code = TRANSFORM_CODES.get(transform) if transform is None or isinstance(transform, str) else None
+        endog = canonical_input(endog) if sp.issparse(endog) and endog.format == "csc" \
+            else prepare_endog(endog)
+        partial = run_pass(design, endog, names, func, code, transform_name=tname,
+                           chunk_size=chunk_size, max_memory=max_memory, progress=progress,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         return cls.from_partial(partial, design, names, tname)
 
     @classmethod
@@ -184,6 +198,7 @@ class SufficientStats:
             gene_names=list(gene_names),
             transform=transform,
             info=dict(design.info),
+            n_cells=partial.get("n_cells"),
         )
 
     # ------------------------------------------------------------- algebra
@@ -223,6 +238,8 @@ class SufficientStats:
             gene_names=list(self.gene_names),
             transform=self.transform,
             info=dict(self.info),
+            n_cells=None if self.n_cells is None or other.n_cells is None
+            else self.n_cells + other.n_cells,
         )
 
     def subset_genes(self, genes: Sequence[int] | Sequence[str] | np.ndarray) -> SufficientStats:
@@ -232,6 +249,7 @@ class SufficientStats:
             self.XX, self.ZX, self.ZZ, self.n, self.XY[:, idx], self.ZY[:, idx],
             self.yy[idx], list(self.exog_names), self.components,
             [self.gene_names[i] for i in idx], self.transform, dict(self.info),
+            None if self.n_cells is None else self.n_cells[idx],
         )
 
     def _gene_positions(self, genes: Any) -> np.ndarray:
@@ -261,15 +279,21 @@ class SufficientStats:
         }
         arrays = {k: getattr(self, k) for k in _SHARED + _PER_GENE}
         arrays["gene_names"] = np.array(self.gene_names, dtype=str)
+        if self.n_cells is not None:
+            arrays["n_cells"] = np.asarray(self.n_cells, dtype=np.int64)
         # known covariance factors (group_cov): optional array L_<component position>
         arrays.update({f"L_{i}": c.cov_factor for i, c in enumerate(self.components)
                        if c.cov_factor is not None})
         return meta, arrays
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the statistics to an ``.npz`` file (no pickled objects)."""
+        """Write the statistics to an ``.npz`` file (no pickled objects).
+
+        The file is written under a temporary name beside ``path`` and renamed
+        onto it: ``path`` never holds a partial file.
+        """
         meta, arrays = self.to_arrays()
-        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        save_npz_atomic(path, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SufficientStats:
@@ -310,6 +334,7 @@ class SufficientStats:
                              for i, c in enumerate(meta["components"])),
             gene_names=[str(g) for g in contents["gene_names"]],
             transform=meta["transform"], info=dict(meta.get("info") or {}),
+            n_cells=contents.get("n_cells"),
         )
 
     def __repr__(self) -> str:
@@ -322,35 +347,24 @@ class SufficientStats:
 
 def empty_partial(p: int, q: int, n_genes: int) -> dict[str, np.ndarray]:
     """Zeroed per-gene accumulators."""
-    return {"XY": np.zeros((p, n_genes)), "ZY": np.zeros((q, n_genes)), "yy": np.zeros(n_genes)}
+    return {"XY": np.zeros((p, n_genes)), "ZY": np.zeros((q, n_genes)), "yy": np.zeros(n_genes),
+            "n_cells": np.zeros(n_genes, dtype=np.int64)}
 
 
 def accumulate(partial: dict[str, np.ndarray], X: np.ndarray, Z: sp.csr_matrix,
-               block: np.ndarray | sp.csr_matrix) -> None:
-    """Add one chunk's ``X'Y``, ``Z'Y`` and ``sum y^2`` to ``partial`` in place."""
-    if sp.issparse(block):
-        block_t = _csc_transpose_view(block, block.data)
-        partial["XY"] += np.asarray(block_t @ X).T
-        # CSR @ CSR: Z' as CSR avoids converting the (large) chunk to CSC
-        partial["ZY"] += (Z.T.tocsr() @ block).toarray()
-        squares_t = _csc_transpose_view(block, block.data * block.data)
-        partial["yy"] += squares_t @ np.ones(block.shape[0])
-    else:
-        partial["XY"] += X.T @ block
-        partial["ZY"] += np.asarray(Z.T @ block)
-        partial["yy"] += np.einsum("ij,ij->j", block, block)
+               block: np.ndarray | sp.spmatrix, transform: str | None = None) -> None:
+    """Add one chunk's ``X'Y``, ``Z'Y``, ``sum y^2`` and cell counts to ``partial`` in place.
 
-
-def _csc_transpose_view(block: sp.csr_matrix, data: np.ndarray) -> sp.csc_matrix:
-    """The transpose of a CSR block (with the given values) as CSC, sharing arrays.
-
-    scipy's constructors (``block.T`` included) copy index arrays that are views
-    of a larger matrix, a full extra pass over every chunk; assigning the
-    arrays directly keeps the views.
+    ``X`` and ``Z`` are the chunk's rows of the designs; ``block`` its values
+    (a named ``transform`` is applied by the kernel).
     """
-    out = sp.csc_matrix((block.shape[1], block.shape[0]), dtype=np.float64)
-    out.data, out.indices, out.indptr = data, block.indices, block.indptr
-    return out
+    acc = Accumulators.zeros(X.shape[1], Z.shape[1], block.shape[1])
+    accumulate_chunk(acc, KernelDesign.of(X, Z), 0, block, TRANSFORM_CODES[transform])
+    for key, value in acc.as_partial().items():
+        if key in partial:
+            partial[key] += value
+        else:
+            partial[key] = value
 
 
 def _component_key(components: Sequence[RandomComponent]) -> list[tuple[Any, ...]]:

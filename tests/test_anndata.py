@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import flashmm
 from flashmm import MultiGeneMixedLM
 from flashmm._anndata import RowChunks
+from flashmm._reader import ChunkSource
 
 anndata = pytest.importorskip("anndata")
 
@@ -57,15 +58,17 @@ def test_backed_anndata_is_streamed_in_chunks(adata, reference, tmp_path, monkey
     adata.write_h5ad(path)
     backed = anndata.read_h5ad(path, backed="r")
     sizes: list[int] = []
-    original = RowChunks.__getitem__
+    original = ChunkSource._read
 
-    def spy(self, key):
-        block = original(self, key)
-        sizes.append(block.shape[0])
-        assert sp.issparse(block) and block.format == "csr"
-        return block
+    def spy(self, index, start, stop):
+        chunk = original(self, index, start, stop)
+        sizes.append(chunk.block.shape[0])
+        # read from the file's own arrays, in their stored dtype (no float64 copy)
+        assert sp.issparse(chunk.block) and chunk.block.format == "csr"
+        assert chunk.block.dtype == backed.X.group["data"].dtype
+        return chunk
 
-    monkeypatch.setattr(RowChunks, "__getitem__", spy)
+    monkeypatch.setattr(ChunkSource, "_read", spy)
     res = MultiGeneMixedLM.from_formula(FORMULA, backed, groups="sam", transform="log2p1",
                                         chunk_size=128).fit()
     backed.file.close()
