@@ -5,9 +5,10 @@ transformed value ``t`` of each stored entry is added to ``X'Y`` (``XYt[j] +=
 t x_i``), to ``Z'Y`` (the group-block sums, ``ZY[k, j] += z_ik t``), to the sum
 of squares ``yy[j] += t^2`` and, when ``t != 0``, to the number of cells
 expressing the gene.  The work is split by blocks of genes, one thread per
-block, so that every gene's sums are added in the order of the cells by one
-thread: the result is the same bit for bit whatever the number of threads,
-which is what lets an interrupted pass resume exactly (see :mod:`flashmm.stats`).
+block, so that every gene's sums are added by one thread in an order fixed by
+the chunk (its cells sorted by group, see :meth:`KernelDesign.group_order`):
+the result is the same bit for bit whatever the number of threads, which is
+what lets an interrupted pass resume exactly (see :mod:`flashmm._pass`).
 
 CSR, CSC and dense chunks are read in their own dtype (float32 stays float32 on
 disk and in memory; the arithmetic is float64), so no float64 copy of a chunk is
@@ -31,8 +32,11 @@ __all__ = ["TRANSFORM_CODES", "Accumulators", "KernelDesign", "accumulate_chunk"
 #: Transforms the kernel applies itself (0 maps to 0 for all of them).
 TRANSFORM_CODES = {None: 0, "log2p1": 1, "log1p": 2}
 
-#: Gene blocks per thread (several, so uneven gene densities balance out).
-_BLOCKS_PER_THREAD = 4
+#: Gene blocks per thread, handed out one at a time (dynamic scheduling): uneven gene
+#: densities, and a core taken by the reader thread or another process, balance out.
+#: Measured on the atlas shape (6 chunks, 2 threads, with the reader running): 4 blocks
+#: statically 8.2 s, 16 blocks one at a time 5.1 s.
+_BLOCKS_PER_THREAD = 16
 
 
 @dataclass
@@ -134,7 +138,7 @@ def _add_entry(j, i, t, xdata, xind, xptr, zdata, zind, zptr, XYt, ZY, yy, ncell
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _csr_kernel(data, indices, indptr, xdata, xind, xptr, zdata, zind, zptr, code, table, bounds,
+def _csr_kernel(data, indices, indptr, order, xdata, xind, xptr, zdata, zind, zptr, code, table, bounds,
                 XYt, ZY, yy, ncells):  # noqa: ANN001, ANN202
     """A CSR chunk (sorted indices); threads over gene blocks. Returns the number of negatives."""
     n_rows = indptr.size - 1
@@ -143,7 +147,8 @@ def _csr_kernel(data, indices, indptr, xdata, xind, xptr, zdata, zind, zptr, cod
     for b in prange(bounds.size - 1):
         g0, g1 = bounds[b], bounds[b + 1]
         neg = 0
-        for r in range(n_rows):
+        for rr in range(n_rows):
+            r = order[rr]
             lo, hi = indptr[r], indptr[r + 1]
             a = lo if g0 == 0 else _lower_bound(indices, lo, hi, g0)
             e = hi if g1 == n_genes else _lower_bound(indices, a, hi, g1)
@@ -178,13 +183,14 @@ def _csc_kernel(data, indices, indptr, row0, row1, xdata, xind, xptr, zdata, zin
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _dense_kernel(Y, xdata, xind, xptr, zdata, zind, zptr, code, table, bounds,
+def _dense_kernel(Y, order, xdata, xind, xptr, zdata, zind, zptr, code, table, bounds,
                   XYt, ZY, yy, ncells):  # noqa: ANN001, ANN202
     """A dense chunk; threads over gene blocks. Returns the number of negatives."""
     negatives = 0
     for b in prange(bounds.size - 1):
         neg = 0
-        for r in range(Y.shape[0]):
+        for rr in range(Y.shape[0]):
+            r = order[rr]
             for j in range(bounds[b], bounds[b + 1]):
                 v = np.float64(Y[r, j])
                 if v < 0.0:
@@ -257,6 +263,21 @@ class KernelDesign:
         return cls(*(np.ascontiguousarray(a, dtype=dt) for M in (xs, zs)
                      for a, dt in ((M.data, np.float64), (M.indices, np.int64), (M.indptr, np.int64))))
 
+    def group_order(self, row0: int, n_rows: int) -> np.ndarray:
+        """The rows ``row0 : row0 + n_rows`` (chunk positions) sorted by their first random effect.
+
+        Cells of one group then come one after the other, so each thread's
+        slice of that group's row of ``Z'Y`` stays in cache while they are
+        added (measured on the atlas shape, 259 donors in random cell order).
+        The sort is stable, and the same for a chunk whatever the threads.
+        """
+        ptr = self.zptr[row0:row0 + n_rows + 1]
+        if self.zind.size == 0 or ptr.size < 2:
+            return np.arange(n_rows, dtype=np.int64)
+        has = ptr[1:] > ptr[:-1]
+        key = np.where(has, self.zind[np.minimum(ptr[:-1], self.zind.size - 1)], -1)
+        return np.argsort(key, kind="stable").astype(np.int64)
+
     def rows_from(self, row0: int) -> tuple[np.ndarray, ...]:
         """The six arrays with the row pointers starting at row ``row0``."""
         return (self.xdata, self.xind, self.xptr[row0:], self.zdata, self.zind, self.zptr[row0:])
@@ -295,6 +316,15 @@ def accumulate_chunk(acc: Accumulators, design: KernelDesign, row0: int,
         The indices are known to be canonical (views of a canonical matrix), so
         the check is skipped.
     """
+    with numba.parallel_chunksize(1):
+        neg = _dispatch(acc, design, row0, block, code, trusted)
+    if neg and code and raise_negative is not None:
+        raise_negative()
+
+
+def _dispatch(acc: Accumulators, design: KernelDesign, row0: int,
+              block: np.ndarray | sp.spmatrix, code: int, trusted: bool) -> int:
+    """Run the kernel of the block's layout; the number of negative values met."""
     sums = (acc.XYt, acc.ZY, acc.yy, acc.n_cells)
     rows = design.rows_from(row0)
     if sp.issparse(block) and block.format not in ("csr", "csc"):
@@ -304,7 +334,8 @@ def accumulate_chunk(acc: Accumulators, design: KernelDesign, row0: int,
             block = _canonical_copy(block)
         data, indptr = _kernel_values(block.data), block.indptr.astype(np.int64, copy=False)
         if block.format == "csr":
-            neg = _csr_kernel(data, block.indices, indptr, *rows, code, _TABLES[code],
+            neg = _csr_kernel(data, block.indices, indptr, design.group_order(row0, block.shape[0]),
+                              *rows, code, _TABLES[code],
                               gene_blocks(block.shape[1]), *sums)
         else:
             neg = _csc_kernel(data, block.indices, indptr, 0, block.shape[0], *rows, code,
@@ -312,18 +343,20 @@ def accumulate_chunk(acc: Accumulators, design: KernelDesign, row0: int,
     else:
         Y = _kernel_values(np.asarray(block))
         Y = Y[:, None] if Y.ndim == 1 else Y
-        neg = _dense_kernel(Y, *rows, code, _TABLES[code], gene_blocks(Y.shape[1]), *sums)
-    if neg and code and raise_negative is not None:
-        raise_negative()
+        neg = _dense_kernel(Y, design.group_order(row0, Y.shape[0]), *rows, code, _TABLES[code],
+                            gene_blocks(Y.shape[1]), *sums)
+    return neg
 
 
 def accumulate_csc_rows(acc: Accumulators, design: KernelDesign, matrix: sp.csc_matrix,
                         start: int, stop: int, code: int,
                         raise_negative: Callable[[], None] | None = None) -> None:
     """Add the sums of rows ``start:stop`` of a canonical in-memory CSC matrix to ``acc``."""
-    neg = _csc_kernel(_kernel_values(matrix.data), matrix.indices,
-                      matrix.indptr.astype(np.int64, copy=False), start, stop,
-                      *design.rows_from(0), code, _TABLES[code], acc.XYt, acc.ZY, acc.yy, acc.n_cells)
+    with numba.parallel_chunksize(64):
+        neg = _csc_kernel(_kernel_values(matrix.data), matrix.indices,
+                          matrix.indptr.astype(np.int64, copy=False), start, stop,
+                          *design.rows_from(0), code, _TABLES[code], acc.XYt, acc.ZY, acc.yy,
+                          acc.n_cells)
     if neg and code and raise_negative is not None:
         raise_negative()
 

@@ -146,6 +146,8 @@ def _reduce_chunk(acc: Accumulators, kd: KernelDesign, chunk: Chunk, source: Chu
             accumulate_csc_rows(acc, kd, block, chunk.start, chunk.stop, code, negative)
         else:
             accumulate_chunk(acc, kd, chunk.start, block, code, negative, trusted=chunk.trusted)
+    except DataError:
+        raise
     except ValueError as err:        # broken indices or pointers of a read chunk
         raise source.read_error(chunk.index, chunk.start, chunk.stop, err) from None
     finite = np.isfinite(acc.yy)
@@ -154,7 +156,9 @@ def _reduce_chunk(acc: Accumulators, kd: KernelDesign, chunk: Chunk, source: Chu
 
 
 def _rows_of(chunk: Chunk) -> Any:
-    return chunk.block[chunk.start:chunk.stop] if chunk.csc_rows else chunk.block
+    """The chunk's values as rows (CSR for sparse), for the error messages that name a gene."""
+    block = chunk.block[chunk.start:chunk.stop] if chunk.csc_rows else chunk.block
+    return sp.csr_matrix(block) if sp.issparse(block) else block
 
 
 def _raise_nonfinite(block: Any, names: list[str], gene: str, endog: Any, cells: int) -> None:
