@@ -149,7 +149,11 @@ def open_anndata(path: str | os.PathLike) -> Iterator[Any]:
     if suffix == ".zarr":
         yield anndata.read_zarr(path)
         return
-    adata = anndata.read_h5ad(path, backed="r")
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except OSError as err:           # h5py: truncated file, bad signature, ...
+        raise DataError(f"cannot read {str(path)!r} as an .h5ad file: {str(err).splitlines()[0]}. "
+                        "It is truncated or corrupted: write it again from a good copy.") from None
     try:
         yield adata
     finally:

@@ -157,7 +157,9 @@ def _read_h5ad(path: str) -> Any:
     try:
         return anndata.read_h5ad(path, backed="r")
     except Exception as err:  # h5py/anndata raise many types for a bad file
-        raise CLIError(f"cannot read {path!r} as an .h5ad file: {str(err).splitlines()[0]}") from None
+        raise CLIError(f"cannot read {path!r} as an .h5ad file: {str(err).splitlines()[0]}. "
+                       "If it is an .h5ad file, it is truncated or corrupted: write it again "
+                       "from a good copy.") from None
 
 
 def checkpoint_path(out: str) -> str:
@@ -180,7 +182,8 @@ def _compute_stats(args: argparse.Namespace, checkpoint: str | None = None) -> t
     design = build_formula_design(args.formula, obs, groups=args.groups, vc_formula=vc,
                                   re_formula=_re_formula(args),
                                   independent_re=args.independent_re)
-    with Progress(len(obs), "cells", enabled=not args.quiet and sys.stderr.isatty()) as bar:
+    with Progress(len(obs), "statistics pass", unit="cells",
+                  enabled=not args.quiet and sys.stderr.isatty()) as bar:
         stats = SufficientStats.from_design(
             design, endog, transform=args.transform, chunk_size=args.chunk_size, gene_names=genes,
             progress=bar, max_memory=args.max_memory, checkpoint=checkpoint,
