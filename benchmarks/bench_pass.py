@@ -54,7 +54,9 @@ def _run(cmd: list[str], tree: Path, env_extra: dict[str, str] | None = None) ->
     """Run ``cmd`` under ``/usr/bin/time -v`` with ``tree`` first on the path."""
     env = dict(os.environ, PYTHONPATH=str(tree), **(env_extra or {}))
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    # cwd = the tree: ``python -m`` puts the working directory before PYTHONPATH
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env,
+                          cwd=tree)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit": ([py, "-m", "flashmm", "fit", *common, "--out", str(work / "r.csv")], ROOT, None),
     }
     if args.baseline:
-        variants["fit_baseline"] = ([py, "-m", "flashmm", "fit", *common, "--quiet", "--out",
+        variants["fit_baseline"] = ([py, "-m", "flashmm", "fit", *common, "--out",
                                      str(work / "rb.csv")], Path(args.baseline), None)
     _run(variants["stats"][0], ROOT)                 # warm the page cache and numba's cache
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
