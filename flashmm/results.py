@@ -25,7 +25,7 @@ from ._kenward_roger import (
     kr_n_parameters,
     kr_pieces,
 )
-from ._reduce import Reduced, reduce_stats
+from ._reduce import Reduced, reduce_stats, symmetric_eigh
 from ._satterthwaite import information_gs, satterthwaite_df
 from ._structure import ThetaStructure, analyse_structure
 from .contrasts import (
@@ -337,19 +337,25 @@ class MultiGeneMixedLMResults:
         """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
         return self._satterthwaite(L)
 
+    @cached_property
+    def _eig_ZZ(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Eigen-decomposition of the shared ``Z'Z`` (one component), for every df request."""
+        return symmetric_eigh(self.stats.ZZ) if len(self.component_names) == 1 else None
+
     def _satterthwaite(self, L: np.ndarray) -> np.ndarray:
         top = np.any(np.isinf(self._fit.ratios), axis=1)
         red, unit, _ = self._unit_scale
         if not top.any():
             return satterthwaite_df(self.stats, red, self._fit.ratios, unit,
-                                    self._gls.cov_unscaled, L, self.reml, info=self._info)
+                                    self._gls.cov_unscaled, L, self.reml, info=self._info,
+                                    eig_ZZ=self._eig_ZZ)
         # h2 = 1 (residual variance 0): Cov(b) is proportional to the one remaining
         # variance, estimated on n - p (REML) degrees of freedom: df = n - p
         ratios = np.where(top[:, None], 0.0, self._fit.ratios)
         scale = np.where(top, 1.0, unit)
         with np.errstate(all="ignore"):
-            df = satterthwaite_df(self.stats, red, ratios, scale,
-                                  self._gls.cov_unscaled, L, self.reml, info=self._info)
+            df = satterthwaite_df(self.stats, red, ratios, scale, self._gls.cov_unscaled, L,
+                                  self.reml, info=self._info, eig_ZZ=self._eig_ZZ)
         df[top] = float(self.nobs - self.k_fe)
         return df
 
