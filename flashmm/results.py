@@ -761,16 +761,17 @@ class MultiGeneMixedLMResults:
 
     # ---------------------------------------------------------- summaries
     def summary(self, alpha: float = 0.05, fdr: float = 0.05,
-                terms: list[str] | None = None) -> Any:
+                terms: list[str] | None = None, df_method: str | None = None) -> Any:
         """A statsmodels ``Summary`` of the whole fit (see :func:`flashmm.summary.fit_summary`).
 
         Per fixed term: genes whose coefficient differs from 0 at ``fdr``
         (only for ``terms``, the effects of interest, when given), median
-        effect, standard error and df; then the variance components.
+        effect, standard error and df of the tests with ``df_method`` (default
+        the fit's); then the variance components.
         """
         from .summary import fit_summary
 
-        return fit_summary(self, alpha=alpha, fdr=fdr, terms=terms)
+        return fit_summary(self, alpha=alpha, fdr=fdr, terms=terms, df_method=df_method)
 
     def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """Tidy table of every coefficient (``contrast`` holds the term name).

@@ -226,3 +226,14 @@ def test_save_and_load_keep_kenward_roger(tmp_path) -> None:  # noqa: ANN001
         np.testing.assert_array_equal(back.cov_params_kr(), res.cov_params_kr())
         pd.testing.assert_frame_equal(back.anova(), res.anova())
         pd.testing.assert_frame_equal(back.ls_means("trt"), res.ls_means("trt"))
+
+
+def test_fit_summary_reports_the_df_method_and_adjusted_errors() -> None:
+    res = fit("one6")
+    text = str(res.summary())
+    assert "kenward-roger" in text
+    assert "satterthwaite" in str(res.summary(df_method="satterthwaite"))
+    kr = res.t_test(np.eye(res.k_fe))
+    table = res.summary().tables[1]
+    median_se = np.nanmedian(kr.sd.to_numpy(), axis=0)
+    np.testing.assert_allclose(table["Median Std.Err."].astype(float), median_se, rtol=5e-3)
