@@ -44,7 +44,7 @@ import numpy as np
 
 from ._fit_theta import BlockZZ, MFactor, _spd_inv, _sym
 from ._memory import MemoryBudget
-from ._structure import Lambda, ThetaStructure
+from ._structure import Lambda, ThetaStructure, _bmm
 
 __all__ = ["KRDesign", "KRPieces", "kr_pieces", "kr_df", "kr_contrast_df", "kr_n_parameters"]
 
@@ -112,14 +112,27 @@ class KRPieces:
 # ------------------------------------------------------------ parameter patterns
 @dataclass(frozen=True)
 class _Pattern:
-    """Entries ``(g, a, b)`` (and ``(g, b, a)``) of one ``E_r`` in a block layout."""
+    """Entries ``(g, a, b)`` (and ``(g, b, a)``) of one ``E_r`` in a block layout ``(m, s)``."""
 
     g: np.ndarray
     a: np.ndarray
     b: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def diagonal_mask(self) -> np.ndarray | None:
+        """The 0/1 diagonal (m, s, 1) of a variance component's pattern (None for covariances)."""
+        if np.any(self.a != self.b):
+            return None
+        mask = np.zeros(self.shape + (1,))
+        mask[self.g, self.a] = 1.0
+        return mask
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """``E_r x`` for block arrays (G, m, s, k)."""
+        mask = self.diagonal_mask
+        if mask is not None:
+            return x * mask
         out = np.zeros_like(x)
         out[:, self.g, self.a] = x[:, self.g, self.b]
         off = self.a != self.b
@@ -147,26 +160,27 @@ def kr_n_parameters(st: ThetaStructure, independent: bool) -> int:
 
 def _block_patterns(st: ThetaStructure, independent: bool) -> list[_Pattern]:
     """Patterns in the group-block layout (designs without a global block)."""
-    m = st.n_groups
+    m, shape = st.n_groups, st.slot_cols.shape
     groups = np.arange(m)
-    pats = [_Pattern(groups, np.full(m, k), np.full(m, l))
+    pats = [_Pattern(groups, np.full(m, k), np.full(m, l), shape)
             for k, l in _tril_entries(st, independent)]
     for j in range(st.n_pairs, st.n_theta):
         gi, ki = np.nonzero(st.slot_theta == j)
-        pats.append(_Pattern(gi, ki, ki))
+        pats.append(_Pattern(gi, ki, ki, shape))
     return pats
 
 
 def _dense_patterns(st: ThetaStructure, independent: bool) -> list[_Pattern]:
     """Patterns on the columns of Z (one block of size q)."""
     pats = []
+    shape = (1, st.q)
     for k, l in _tril_entries(st, independent):
         ok = (st.slot_cols[:, k] >= 0) & (st.slot_cols[:, l] >= 0)
         a, b = st.slot_cols[ok, k], st.slot_cols[ok, l]
-        pats.append(_Pattern(np.zeros(a.size, dtype=int), a, b))
+        pats.append(_Pattern(np.zeros(a.size, dtype=int), a, b, shape))
     for j in range(st.n_pairs, st.n_theta):
         cols = np.concatenate([st.slot_cols[st.slot_theta == j], st.glob_cols[st.glob_theta == j]])
-        pats.append(_Pattern(np.zeros(cols.size, dtype=int), cols, cols))
+        pats.append(_Pattern(np.zeros(cols.size, dtype=int), cols, cols, shape))
     return pats
 
 
@@ -209,20 +223,27 @@ def _bsum(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.swapaxes(x.reshape(G, m * s, a), 1, 2) @ y.reshape(G, m * s, -1)
 
 
+def _shared_bsum(ZX: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``sum_g ZX_g' y_g`` for the shared blocks ``ZX`` (m, s, p) and y (G, m, s, b)."""
+    m, s, p = ZX.shape
+    return ZX.reshape(m * s, p).T @ y.reshape(y.shape[0], m * s, -1)
+
+
 def _adjust(A: np.ndarray, ZX: np.ndarray, XX: np.ndarray, n: int, Wu: np.ndarray,
             pats: list[_Pattern]) -> KRPieces:
     """pbkrtest's ``vcovAdj`` at unit scale from the blocks ``A = Z'Z`` (m, s, s),
     ``ZX`` (m, s, p) and ``W_u`` (G, m, s, s); see the module docstring."""
     G = Wu.shape[0]
-    AW = A @ Wu                                             # (G, m, s, s)
-    K = _sym(A - AW @ A)
-    E = ZX - AW @ ZX                                        # Z'H^-1X
-    F = E - AW @ E                                          # Z'H^-2X
-    K2 = K - AW @ K                                         # Z'H^-2Z
-    ZXb = np.broadcast_to(ZX, E.shape)
-    XH1 = _sym(XX - _bsum(ZXb, Wu @ ZXb))
-    XH2 = _sym(XH1 - _bsum(ZXb, Wu @ E))
-    XH3 = _sym(XH2 - _bsum(ZXb, Wu @ F))
+    AW = _bmm(A, Wu)                                        # (G, m, s, s)
+    K = _sym(A - _bmm(AW, A))
+    WZ = _bmm(Wu, ZX)
+    E = ZX - _bmm(A, WZ)                                    # Z'H^-1X
+    WE = _bmm(Wu, E)
+    F = E - _bmm(A, WE)                                     # Z'H^-2X
+    K2 = K - _bmm(AW, K)                                    # Z'H^-2Z
+    XH1 = _sym(XX - _shared_bsum(ZX, WZ))
+    XH2 = _sym(XH1 - _shared_bsum(ZX, WE))
+    XH3 = _sym(XH2 - _shared_bsum(ZX, _bmm(Wu, F)))
     trH2 = n - 2.0 * np.einsum("gmii->g", AW) + np.einsum("gmij,gmji->g", AW, AW)
     C = _spd_inv(XH1)
 
@@ -236,7 +257,7 @@ def _adjust(A: np.ndarray, ZX: np.ndarray, XX: np.ndarray, n: int, Wu: np.ndarra
     for r, (pe, ek) in enumerate(zip(PE, EK, strict=True)):
         P[:, r] = -_sym(_bsum(E, pe))
         for s_ in range(r, k - 1):
-            Q[:, r, s_] = _bsum(pe, K @ PE[s_])
+            Q[:, r, s_] = _bsum(pe, _bmm(K, PE[s_]))
             Kt[:, r, s_] = np.einsum("gmij,gmji->g", ek, EK[s_])
         Q[:, r, k - 1] = _bsum(pe, F)
         Kt[:, r, k - 1] = pats[r].trace(K2)
