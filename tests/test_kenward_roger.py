@@ -28,7 +28,7 @@ import pytest
 from conftest import DONOR_DESIGNS, REFERENCE
 
 from flashmm import MultiGeneMixedLM
-from flashmm._kenward_roger import KRDesign, kr_pieces
+from flashmm._kenward_roger import kr_pieces
 from flashmm._memory import MemoryBudget, MemoryBudgetError
 
 KR = REFERENCE / "kr"
@@ -177,17 +177,19 @@ def test_kenward_roger_spellings_and_refusals() -> None:
 
 
 def test_crossed_design_within_a_memory_budget() -> None:
-    res = fit("crossed")
-    st, theta, _ = res._kr_parameters()
-    stats = res.stats
-    design = KRDesign.of(st, stats.ZZ, stats.ZX, stats.XX, stats.n)
-    assert not design.blocked
-    with pytest.raises(MemoryBudgetError, match="Kenward-Roger.*crossed.*satterthwaite"):
+    from flashmm._kenward_roger import _floats_per_gene, _patterns
+
+    res = fit("three")
+    design, theta, _ = res._kr_parameters()
+    assert not design.blocked                 # batches cross the donors: a global border
+    with pytest.raises(MemoryBudgetError, match="Kenward-Roger for this design"):
         kr_pieces(design, theta, budget=MemoryBudget(2_000))
     # two genes at a time give the same numbers as all at once
-    per_gene = 8 * (9 * 13 * 13 + 6 * 13 * 7 + 2 * 9 * 7 * 7)   # _dense_floats: q 13, p 7, 3 params
+    per_gene = 8 * _floats_per_gene(design.st, res.k_fe, len(_patterns(design.st, False)) + 1)
+    zz = design.zz
+    shared = 8 * (zz.A.size + zz.B.size + zz.C.size + zz.ZX1.size + zz.ZX2.size)
     whole = kr_pieces(design, theta).cov_adj
-    small = kr_pieces(design, theta, budget=MemoryBudget(8 * 13 * 13 + 2 * per_gene + 8)).cov_adj
+    small = kr_pieces(design, theta, budget=MemoryBudget(shared + 2 * per_gene + 8)).cov_adj
     np.testing.assert_allclose(small, whole, rtol=1e-12)
 
 
