@@ -610,7 +610,8 @@ class RandomSlopesGeneResults(GeneResults):
         })
         smry.add_title("Mixed Linear Model Regression Results")
         p = parent.k_fe
-        b, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
+        b = self.fe_params.to_numpy()
+        se = np.sqrt(np.diagonal(parent.contrast_cov(method)[self._pos]))
         df = parent.contrast_df(np.eye(p), method)[self._pos]
         t = b / se
         normal = bool(np.all(np.isinf(df)))
