@@ -734,8 +734,9 @@ class Comparison:
     ----------
     table : DataFrame
         One row per (design, dataset, method): the scores of
-        :func:`score_pvalues`, ``seconds`` (wall time of the method) and
-        ``peak_mib`` (peak memory the method allocated, tracemalloc), ``info_*``
+        :func:`score_pvalues`, ``seconds`` (wall time of the method),
+        ``peak_mib`` (peak memory the method allocated, from a second run under
+        tracemalloc) and ``seconds_traced`` (that run's wall time), ``info_*``
         columns from the methods, ``warnings`` (number raised).
     pvalues : DataFrame
         Tidy p-values, one row per gene and test: ``design, dataset, method,
@@ -754,9 +755,9 @@ class Comparison:
                       if c.startswith("type1_") or c in ("power", "fdp", "power_at_fdp", "auc")]
         grouped = self.table.groupby(["design", "method"], sort=False)
         out = grouped[score_cols].mean()
-        out["seconds"] = grouped["seconds"].median()
-        if "peak_mib" in self.table:
-            out["peak_mib"] = grouped["peak_mib"].median()
+        for col in ("seconds", "seconds_traced", "peak_mib"):
+            if col in self.table:
+                out[col] = grouped[col].median()
         out.insert(0, "label", grouped["label"].first())
         out.insert(1, "datasets", grouped.size())
         return out.reset_index()
@@ -766,8 +767,9 @@ class Comparison:
         return power_fdp_curve(self.pvalues, grid)
 
 
-def _peak_memory_mib(method: Method, study: Study) -> float:
-    """Peak memory (MiB) the method allocates above what is allocated before it (tracemalloc)."""
+def _traced_run(method: Method, study: Study) -> tuple[float, float]:
+    """Peak memory (MiB) the method allocates above what is allocated before it (tracemalloc),
+    and the wall time of this traced run (seconds)."""
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
@@ -776,8 +778,10 @@ def _peak_memory_mib(method: Method, study: Study) -> float:
         tracemalloc.reset_peak()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
             method.fit(study)
-        return (tracemalloc.get_traced_memory()[1] - base) / 2**20
+            seconds = time.perf_counter() - t0
+        return (tracemalloc.get_traced_memory()[1] - base) / 2**20, seconds
     finally:
         if started:
             tracemalloc.stop()
@@ -816,7 +820,7 @@ def _run_method(method: Method, study: Study, memory: bool) -> tuple[np.ndarray,
     out = out if isinstance(out, MethodOutput) else MethodOutput(out)
     row: dict[str, Any] = {"seconds": seconds}
     if memory:
-        row["peak_mib"] = _peak_memory_mib(method, study)
+        row["peak_mib"], row["seconds_traced"] = _traced_run(method, study)
     row["warnings"] = len(caught)
     row.update({f"info_{k}": v for k, v in out.info.items()})
     return _pvalue_matrix(out.pvalue, study, method.name), row

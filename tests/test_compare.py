@@ -15,7 +15,7 @@ from flashmm.cli import main  # noqa: E402
 #: A small design: a study simulates and runs every method in well under a second.
 SMALL = fc.SimulationDesign(n_per_arm=3, n_genes=150, cells_per_donor=30)
 FAST = ["cells_lmm", "pb_voom"]
-TIMING = ["seconds", "peak_mib", "warnings"]
+TIMING = ["seconds", "peak_mib", "seconds_traced", "warnings"]
 
 
 # ------------------------------------------------------------------ scores
