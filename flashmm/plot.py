@@ -184,7 +184,8 @@ def _method_labels(frame: pd.DataFrame, methods: Any) -> list[tuple[str, str]]:
 
 
 def calibration_qq(comparison: Any, design: str | None = None, methods: Any = None,
-                   ax: Axes | None = None, band: float = 0.95, **scatter_kws: Any) -> Axes:
+                   ax: Axes | None = None, band: float = 0.95, ymax: float | None = None,
+                   **scatter_kws: Any) -> Axes:
     """Calibration QQ plot: observed against expected ``-log10(p)`` of the null genes, per method.
 
     Parameters
@@ -201,6 +202,10 @@ def calibration_qq(comparison: Any, design: str | None = None, methods: Any = No
     band : float
         Pointwise probability band of uniform order statistics (Beta
         quantiles) drawn in grey around the identity; 0 draws none.
+    ymax : float, optional
+        Upper limit of the observed axis.  Default: twice the largest expected
+        value, so that a badly calibrated method does not flatten the others
+        (its points leave the axes); ``numpy.inf`` shows every point.
     **scatter_kws
         Passed to ``ax.scatter``.
 
@@ -240,14 +245,18 @@ def calibration_qq(comparison: Any, design: str | None = None, methods: Any = No
             ax.fill_between(expected, -np.log10(hi), -np.log10(lo), color="0.85", zorder=0, lw=0)
             band_drawn = True
     ax.plot([0, top], [0, top], color="0.4", lw=0.8, zorder=1)
+    ymax = 2.0 * top if ymax is None else ymax
+    if np.isfinite(ymax):
+        ax.set_ylim(0, ymax)
     ax.set_xlabel(r"expected $-\log_{10}(p)$")
-    ax.set_ylabel(r"observed $-\log_{10}(p)$, null genes")
+    ax.set_ylabel(r"observed $-\log_{10}(p)$, null tests")
     ax.legend(loc="upper left", fontsize=7, frameon=False, markerscale=2)
     return ax
 
 
 def power_fdp(comparison: Any, design: str | None = None, methods: Any = None,
-              ax: Axes | None = None, fdr: float | None = None, **plot_kws: Any) -> Axes:
+              ax: Axes | None = None, fdr: float | None = None, fdp_max: float | None = None,
+              **plot_kws: Any) -> Axes:
     """Power against observed false discovery proportion, per method (mean over datasets).
 
     Parameters
@@ -265,6 +274,8 @@ def power_fdp(comparison: Any, design: str | None = None, methods: Any = None,
         Axes to draw on (default: a new figure).
     fdr : float, optional
         Draw a dotted vertical line at this FDP (default: the comparison's FDR).
+    fdp_max : float, optional
+        Right end of the FDP axis.  Default: 0.3, or past the largest marker.
     **plot_kws
         Passed to ``ax.plot``.
 
@@ -272,8 +283,7 @@ def power_fdp(comparison: Any, design: str | None = None, methods: Any = None,
     -------
     matplotlib.axes.Axes
         One line per method; with a Comparison one marker per method at the
-        mean (FDP, power) of its Benjamini-Hochberg discoveries.  The FDP axis
-        ends at 0.3 or past the largest marker.
+        mean (FDP, power) of its Benjamini-Hochberg discoveries.
     """
     plt = _pyplot()
     table = None
@@ -300,8 +310,9 @@ def power_fdp(comparison: Any, design: str | None = None, methods: Any = None,
         ax.axvline(fdr, color="0.5", ls=":", lw=0.8)
     ax.set_xlabel("observed false discovery proportion")
     ax.set_ylabel("power")
-    right = 0.3 if table is None or table.empty else min(1.0, max(0.3, 1.1 * table["fdp"].max()))
-    ax.set_xlim(0, right)
+    if fdp_max is None:
+        fdp_max = 0.3 if table is None or table.empty else min(1.0, max(0.3, 1.1 * table["fdp"].max()))
+    ax.set_xlim(0, fdp_max)
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    ax.legend(loc="lower right", fontsize=7, frameon=False)
     return ax
