@@ -125,8 +125,8 @@ def findings(summary: pd.DataFrame, calib: pd.DataFrame, fdr: float) -> str:
             power += f"; among the calibrated methods {b.label}, {b.power_at_fdp:.3f}"
         lines.append(" ".join(text) + " " + power + ".")
     ratio = (summary["seconds_traced"] / summary["seconds"]).groupby(summary["method"]).median()
-    lines.append("Tracing the memory (a second run of each method under tracemalloc) slowed the "
-                 "methods by a median factor of " + ", ".join(
+    lines.append("The traced run of each method (tracemalloc, made first for the memory) took "
+                 "longer than the timed run by a median factor of " + ", ".join(
                      f"{ratio[m]:.1f} ({m})" for m in dict.fromkeys(summary["method"])) + ".")
     return "\n\n".join(lines) + "\n"
 
