@@ -7,13 +7,14 @@ are differentially expressed, DE) and the names of its condition, donor and
 user's AnnData and truth table.  :func:`compare` runs methods from a registry
 on one study and :func:`run_studies` on many simulated studies (in parallel
 processes, or on a Dask cluster).  Each method returns one p-value per gene
-for the condition effect; the scores (:func:`score_pvalues`) are
+and test (the treatment effect, within each cell type when the study has cell
+types); the scores (:func:`score_pvalues`) are
 
-* type-I error at 0.05, 0.01 and 0.001 among the null genes,
+* type-I error at 0.05, 0.01 and 0.001 among the null tests,
 * power and false discovery proportion (FDP) at a Benjamini-Hochberg FDR,
 * the largest power reachable with an FDP at most the FDR (``power_at_fdp``),
   which compares methods at equal FDP whatever their calibration,
-* the AUC (DE genes against null genes ranked by p-value),
+* the AUC (DE against null tests ranked by p-value),
 * wall time and peak memory (``tracemalloc``) of the method.
 
 Methods are entries of a registry (:func:`register_method`); one that needs
@@ -488,23 +489,23 @@ def _resolve_methods(methods: Sequence[str] | str | None, study: Study | None) -
         raise ValueError("methods= is empty; give method names (see methods_table()).")
     if len(set(names)) != len(names):
         raise ValueError(f"methods= lists a method more than once: {names}.")
-    out = []
-    for name in names:
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown method {name!r}; registered methods: {list(_REGISTRY)} "
-                             "(see flashmm.compare.methods_table()).")
-        method = _REGISTRY[name]
-        reason = method.missing()
-        if reason is not None:
-            raise ValueError(f"method {name!r} ({method.label}) is not available in this "
-                             f"installation: {reason}")
-        if study is not None and method.applies is not None:
-            why = method.applies(study)
-            if why is not None:
-                raise ValueError(f"method {name!r} ({method.label}) does not apply to this study: "
-                                 f"{why}")
-        out.append(method)
-    return out
+    return [_checked_method(name, study) for name in names]
+
+
+def _checked_method(name: str, study: Study | None) -> Method:
+    """The registered method ``name``, refused when unknown, unavailable or not applicable."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered methods: {list(_REGISTRY)} "
+                         "(see flashmm.compare.methods_table()).")
+    method = _REGISTRY[name]
+    reason = method.missing()
+    if reason is not None:
+        raise ValueError(f"method {name!r} ({method.label}) is not available in this "
+                         f"installation: {reason}")
+    why = None if study is None or method.applies is None else method.applies(study)
+    if why is not None:
+        raise ValueError(f"method {name!r} ({method.label}) does not apply to this study: {why}")
+    return method
 
 
 # --- the methods available now ----------------------------------------------------------
@@ -599,6 +600,9 @@ register_method("cells_limma_block", "cells, limma block + duplicate_correlation
 register_method("pb_voom", "pseudobulk limma-voom", _pseudobulk_voom)
 register_method("pb_voom_dupcor", "pseudobulk limma-voom + duplicate_correlation",
                 _pseudobulk_voom_dupcor, applies=_several_samples_per_donor)
+# The pseudobulk weighted LMM of variancePartition's dream ("pb_dream") is one more
+# registration of this kind once flashmm has voom_with_dream_weights and per-gene
+# weights in MultiGeneMixedLM, with a ``requires`` that checks for them.
 
 
 # ------------------------------------------------------------------ scores

@@ -156,7 +156,7 @@ def test_dask_client_gives_the_serial_results():
     distributed = pytest.importorskip("distributed")
     serial = fc.run_studies(SMALL, 2, ["pb_voom"], seed=4, memory=False)
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
-                            dashboard_address=None) as client:
+                            dashboard_address=":0") as client:
         on_dask = fc.run_studies(SMALL, 2, ["pb_voom"], seed=4, memory=False, client=client)
     pd.testing.assert_frame_equal(_scores(serial), _scores(on_dask))
 
