@@ -261,15 +261,24 @@ class _Bordered:
         U2 = np.einsum("msc,gmse->gce", B, R1) + C * dvec[:, None, :]
         return cls(A, B, C, Wb, AW, (R1, R2), fac.Scinv, D11, D12, D22, (U1, U2))
 
+    @property
+    def bordered(self) -> bool:
+        """There are crossed (global) columns."""
+        return self.C.shape[0] > 0
+
     def zz(self, v: Block) -> Block:
         """``Z'Z v``."""
         v1, v2 = v
+        if not self.bordered:
+            return _bmm(self.A, v1), v2
         o1 = _bmm(self.A, v1) + self.B @ v2[:, None] if self.B.size else _bmm(self.A, v1)
         o2 = self.C @ v2 + np.einsum("msc,gmsk->gck", self.B, v1)
         return o1, o2
 
     def wu(self, v: Block) -> Block:
         """``Lambda M^-1 Lambda' v``."""
+        if not self.bordered:
+            return _bmm(self.Wb, v[0]), v[1]
         t = self.S @ _inner(self.R, v)
         return _bmm(self.Wb, v[0]) + self.R[0] @ t[:, None], self.R[1] @ t
 
@@ -282,12 +291,16 @@ class _Bordered:
     def d(self, v: Block) -> Block:
         """``D v``."""
         v1, v2 = v
+        if not self.bordered:
+            return _bmm(self.D11, v1), v2
         o1 = _bmm(self.D11, v1) + self.D12 @ v2[:, None]
         o2 = self.D22 @ v2 + np.einsum("gmsc,gmsk->gck", self.D12, v1)
         return o1, o2
 
     def k(self, v: Block) -> Block:
         """``K v = Z'H^-1Z v = D v - U S U'v``."""
+        if not self.bordered:
+            return self.d(v)
         t = self.S @ _inner(self.U, v)
         o = self.d(v)
         return o[0] - self.U[0] @ t[:, None], o[1] - self.U[1] @ t
@@ -437,7 +450,7 @@ def kr_pieces(design: KRDesign, theta: np.ndarray, independent: bool = False,
     shared = 8 * (zz.A.size + zz.B.size + zz.C.size + zz.ZX1.size + zz.ZX2.size)
     chunk = (budget or MemoryBudget.of(None)).genes_per_chunk(
         shared, per_gene, workers, "Kenward-Roger for this design",
-        "Raise max_memory, or use df_method='satterthwaite'.", target=256)
+        "Raise max_memory, or use df_method='satterthwaite'.", target=1024)
     parts = [_adjust(design, st.lam(theta[a:a + chunk]), pats)
              for a in range(0, theta.shape[0], chunk)]
     return KRPieces(*(np.concatenate([getattr(x, f) for x in parts])
