@@ -44,6 +44,7 @@ def weights_array(weights: Any, n: int, n_genes: int) -> np.ndarray:
     if hasattr(weights, "E") and hasattr(weights, "weights"):
         weights = np.asarray(weights.weights, dtype=float).T
     w = np.asarray(weights.to_numpy() if hasattr(weights, "to_numpy") else weights, dtype=float)
+    check_weights(w)
     if w.ndim == 1 and w.size == n:
         w = np.broadcast_to(w[:, None], (n, n_genes))
     if w.shape != (n, n_genes):
@@ -51,7 +52,6 @@ def weights_array(weights: Any, n: int, n_genes: int) -> np.ndarray:
                 if w.shape == (n_genes, n) else "")
         raise DataError(f"weights must have shape (n_samples, n_genes) = ({n}, {n_genes}) or "
                         f"length n_samples ({n}); got shape {w.shape}.{hint}")
-    check_weights(w)
     return w
 
 

@@ -41,6 +41,7 @@ from ._limma_core import (
     ones_coefficients,
     tmixture,
 )
+from ._weighted_stats import check_weights
 
 __all__ = ["LimmaFit", "DuplicateCorrelation", "lm_fit", "duplicate_correlation", "e_bayes"]
 
@@ -300,11 +301,13 @@ def _weights(weights: Any, n: int, G: int) -> tuple[np.ndarray | None, np.ndarra
     """(array weights (n,), gene weights (n, G)); at most one is not None.
 
     1-d weights of length n_samples are array weights; 2-d weights are
-    genes x samples (pylimma's orientation, also for AnnData input).
+    genes x samples (pylimma's orientation, also for AnnData input).  Zero,
+    negative or non-finite weights are an error that counts them.
     """
     if weights is None:
         return None, None
     w = np.asarray(weights, dtype=float)
+    check_weights(w)
     if w.ndim == 1 and w.size == n:
         return w, None
     if w.ndim == 2 and w.shape == (1, n):
@@ -378,8 +381,11 @@ def lm_fit(
         Length n_samples: array weights (one per sample), folded into the shared
         statistics.  Shape (n_genes, n_samples): gene-specific weights; these
         break the shared statistics and use a chunked per-gene path
-        (O(n p^2) per gene instead of O(n p), noticeably slower).  Zero,
-        negative or non-finite weights drop the sample (for that gene), as limma.
+        (O(n p^2) per gene instead of O(n p), noticeably slower).  Weights
+        must be positive and finite: zero, negative or NaN weights raise a
+        :class:`~flashmm.DataError` that counts them (limma instead drops
+        those observations; here set the expression to NaN to leave an
+        observation out).
     layer : str, optional
         AnnData layer to use instead of ``X``.
     key : str
@@ -490,8 +496,9 @@ def duplicate_correlation(
         Array weights (length n_samples) or gene-specific weights (n_genes x
         n_samples, e.g. from :func:`~flashmm.voom`; a
         :class:`~flashmm.VoomResult` brings its own), applied to ``X`` and
-        ``y`` but not to ``Z`` (as statmod's ``mixedModel2Fit``).  Gene-specific
-        weights must be positive; missing values are not supported.
+        ``y`` but not to ``Z`` (as statmod's ``mixedModel2Fit``).  Weights must
+        be positive and finite (else a :class:`~flashmm.DataError` counting
+        them); missing values are not supported.
     allow_negative : bool
         ``True`` (default, as limma): unconstrained REML (FLASHMM's Fisher
         scoring, ``fit(allow_negative_variance=True)``), so a gene can have a
@@ -562,8 +569,6 @@ def duplicate_correlation(
     if W is not None:
         return _dupcor_gene_weights(Y, X, Z, W, int(sizes.max()), trim)
     sw = np.ones(n) if w_arr is None else np.sqrt(w_arr)
-    if not np.all(np.isfinite(sw) & (sw > 0)):
-        raise DataError("array weights must be positive and finite.")
     c = ones_coefficients(X)
     shift = Y.mean(axis=0) if c is not None else np.zeros(G)
     Xw, Yw = X * sw[:, None], (Y - shift) * sw[:, None]
@@ -588,10 +593,6 @@ def duplicate_correlation(
 def _dupcor_gene_weights(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: np.ndarray,
                          max_size: int, trim: float) -> DuplicateCorrelation:
     """duplicate_correlation with gene-specific weights (W: n x G), per-gene REML."""
-    if not np.all(np.isfinite(W) & (W > 0)):
-        raise DataError("gene-specific weights must be positive and finite in "
-                        "duplicate_correlation (limma drops the samples with zero weight; "
-                        "that is not supported here).")
     rho = block_correlation_per_gene(Y, X, Z, W, 1.0 / (1.0 - max_size) + 0.01, 0.99)
     arho = np.arctanh(rho)
     ok = np.isfinite(arho)
