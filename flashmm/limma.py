@@ -474,6 +474,7 @@ def duplicate_correlation(
     layer: str | None = None,
     design_data: pd.DataFrame | None = None,
     allow_negative: bool = True,
+    method: str | None = None,
 ) -> DuplicateCorrelation:
     """Consensus within-block correlation across genes (limma's ``duplicateCorrelation``).
 
@@ -507,6 +508,16 @@ def duplicate_correlation(
         >= 0), which biases the consensus upwards when the true correlation
         is small.
 
+    method : {None, "statmod", "reml"}
+        How the per-gene variance components are estimated.  ``"statmod"``:
+        limma's own computation, statmod's ``mixedModel2Fit`` (a gamma GLM
+        on the rotated residuals) stopped after 20 iterations, reproduced step
+        by step (per-gene rotations, O(n^3) per gene); ``"reml"``: the REML
+        maximum (flashmm's fit from shared statistics, or with gene-specific
+        weights a per-gene maximisation).  ``None`` (default): ``"statmod"``
+        with gene-specific weights (the voom workflow, where limma's stopping
+        point matters at 1e-6), ``"reml"`` otherwise.
+
     Returns
     -------
     DuplicateCorrelation
@@ -525,13 +536,14 @@ def duplicate_correlation(
 
     Gene-specific weights break the shared statistics: every gene then gets
     its own residual-space rotation (batched QR and eigendecomposition over
-    chunks of genes, O(n^3) per gene) and its profile REML is maximised over
-    the correlation in limma's clipping interval by a grid and golden
-    sections (``allow_negative`` does not apply; ``ratios`` are ``rho / (1 - rho)``).
-    statmod stops its gamma GLM after 20 iterations at a relative tolerance
-    of 1e-6, so per-gene correlations can differ from limma's by a few 1e-3 on
-    the atanh scale (flashmm's have the higher REML likelihood); the
-    consensus agrees to about 1e-5.
+    chunks of genes, O(n^3) per gene; ``allow_negative`` does not apply;
+    ``ratios`` are ``rho / (1 - rho)``).  statmod stops its gamma GLM after 20
+    iterations, and its variance floor moves its stopping point, so the REML
+    maximum (``method="reml"``) differs from limma's per-gene correlations by a
+    few 1e-3 on the atanh scale (with the higher REML likelihood) and the
+    consensus by about 2e-6; ``method="statmod"`` (the default here) gives
+    limma's per-gene values to about 1e-9 and the consensus to 1e-10 on the
+    voom reference (``tests/reference/voom``).
     """
     from ._design import RandomComponent
     from .model import MultiGeneMixedLM
@@ -566,8 +578,13 @@ def duplicate_correlation(
     p = X.shape[1]
     if n <= p + 2 or Z.shape[1] >= n - 1:
         return DuplicateCorrelation(0.0, 0.0, nan.copy(), nan)
-    if W is not None:
-        return _dupcor_gene_weights(Y, X, Z, W, int(sizes.max()), trim)
+    method = ("statmod" if W is not None else "reml") if method is None else method
+    if method not in ("statmod", "reml"):
+        raise ValueError(f"method must be None, 'statmod' or 'reml', got {method!r}.")
+    if W is not None or method == "statmod":
+        if W is None:
+            W = np.broadcast_to((np.ones(n) if w_arr is None else w_arr)[:, None], (n, G))
+        return _dupcor_gene_weights(Y, X, Z, W, int(sizes.max()), trim, method)
     sw = np.ones(n) if w_arr is None else np.sqrt(w_arr)
     c = ones_coefficients(X)
     shift = Y.mean(axis=0) if c is not None else np.zeros(G)
@@ -591,9 +608,9 @@ def duplicate_correlation(
 
 
 def _dupcor_gene_weights(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: np.ndarray,
-                         max_size: int, trim: float) -> DuplicateCorrelation:
-    """duplicate_correlation with gene-specific weights (W: n x G), per-gene REML."""
-    rho = block_correlation_per_gene(Y, X, Z, W, 1.0 / (1.0 - max_size) + 0.01, 0.99)
+                         max_size: int, trim: float, method: str) -> DuplicateCorrelation:
+    """duplicate_correlation with per-gene rotations (W: n x G), statmod's or REML."""
+    rho = block_correlation_per_gene(Y, X, Z, W, 1.0 / (1.0 - max_size) + 0.01, 0.99, method)
     arho = np.arctanh(rho)
     ok = np.isfinite(arho)
     cons = float(np.tanh(sps.trim_mean(arho[ok], trim))) if ok.any() else 0.0
