@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from ._engine import (
     STATUS_ALL_ZERO,
@@ -30,6 +31,7 @@ from ._fit_weighted import (
     WeightedFitPieces,
     dense_bytes_per_gene,
     fit_weighted_genes,
+    is_diagonal,
 )
 from ._gls import GLSEstimates
 from ._memory import MemoryBudget
@@ -66,12 +68,13 @@ def fit_weighted(model: Any, reml: bool = True, start_params: Any = None, maxite
     ws: WeightedStats = model.weighted
     G, p, q = ws.n_genes, ws.k_fe, ws.k_re
     k = len(model.stats.components)
+    per_gene = dense_bytes_per_gene(q, p, k, is_diagonal(ws))
     size = MemoryBudget.of(max_memory).genes_per_chunk(
-        0, dense_bytes_per_gene(q, p, k), 1,
+        0, per_gene, 1,
         what=f"the weighted mixed model with {q} random effects",
         advice="Per-gene weights need dense q x q matrices per gene (O(q^2) memory, O(q^3) "
                "time); raise max_memory, or aggregate to fewer random-effect levels.",
-        target=max(1, 50_000_000 // dense_bytes_per_gene(q, p, k)))
+        target=max(1, 50_000_000 // per_gene))
     with np.errstate(all="ignore"):
         c = np.sqrt(ws.yy / ws.n)
     c = np.where(np.isfinite(c) & (c > 0), c, 1.0)
@@ -80,13 +83,16 @@ def fit_weighted(model: Any, reml: bool = True, start_params: Any = None, maxite
     ok = np.flatnonzero(status == STATUS_OK)
     out = _empty_pieces(G, k, p, q)
     start = None if start_params is None else np.asarray(start_params, dtype=float)
-    for a in range(0, ok.size, size):
-        idx = ok[a:a + size]
-        crit = WeightedCriterion(wsc, reml, idx)
-        st = None if start is None else (start if start.ndim == 1 else start[idx])
-        part = fit_weighted_genes(crit, c[idx], tol, maxiter, st)
-        for f in dataclasses.fields(WeightedFitPieces):
-            getattr(out, f.name)[idx] = getattr(part, f.name)
+    # stacks of small matrices: multi-threaded BLAS only adds contention (10x slower
+    # on a loaded 2-core machine, measured with benchmarks/bench_weighted.py)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for a in range(0, ok.size, size):
+            idx = ok[a:a + size]
+            crit = WeightedCriterion(wsc, reml, idx)
+            st = None if start is None else (start if start.ndim == 1 else start[idx])
+            part = fit_weighted_genes(crit, c[idx], tol, maxiter, st)
+            for f in dataclasses.fields(WeightedFitPieces):
+                getattr(out, f.name)[idx] = getattr(part, f.name)
     _warn_degenerate(status)
     _warn_not_converged(out.converged[ok], G)
     fit = WeightedEngineFit(ratios=out.ratios, scale=out.scale, llf=out.llf,
