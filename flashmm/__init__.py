@@ -62,3 +62,7 @@ __all__ += ["voom", "voom_with_dream_weights", "VoomResult"]
 from .pseudobulk import pseudobulk  # noqa: E402
 
 __all__ += ["pseudobulk"]
+
+from ._weighted_results import WeightedMixedLMResults  # noqa: E402
+
+__all__ += ["WeightedMixedLMResults"]

@@ -102,6 +102,17 @@ class MultiGeneMixedLM:
         (DataFrame indexed and columned by the labels, or an array in sorted
         label order): group intercepts ``u ~ N(0, s_g K)``. See
         :mod:`flashmm.kinship` and ``docs/kinship.rst``.
+    weights : array_like, DataFrame or VoomResult, optional
+        Precision weights per observation and gene, shape (n_cells, n_genes)
+        (the orientation of ``endog``), or one per observation (length
+        n_cells), or a :class:`~flashmm.VoomResult` (its ``weights``, genes x
+        samples, are transposed).  lme4's ``lmer(..., weights = w)``: the
+        residual variance of observation ``i`` is ``scale / w_i``; the
+        log-likelihood is lme4's (it includes ``sum(log w) / 2``).  Weights
+        must be positive and finite (else a :class:`~flashmm.DataError` that
+        counts them).  Per-gene weights give every gene its own statistics
+        (see ``docs/guide/weights.rst`` for the memory and time this costs);
+        variance components only (no ``exog_re`` / ``group_cov``).
 
     Examples
     --------
@@ -263,6 +274,10 @@ class MultiGeneMixedLM:
             (DataFrame indexed and columned by the labels, or an array in sorted
             label order): group intercepts ``u ~ N(0, s_g K)``. See
             :mod:`flashmm.kinship` and ``docs/kinship.rst``.
+        weights : array_like, DataFrame or VoomResult, optional
+            Precision weights, cells x genes (or one per cell, or a
+            :class:`~flashmm.VoomResult`), as in :class:`MultiGeneMixedLM`:
+            lme4's ``lmer(..., weights = w)``.
         """
         from ._anndata import anndata_inputs, is_anndata, open_anndata
 
@@ -374,6 +389,9 @@ class MultiGeneMixedLM:
         Returns
         -------
         MultiGeneMixedLMResults
+            A :class:`~flashmm.WeightedMixedLMResults` for a model with
+            ``weights=`` (fitted from per-gene weighted statistics in gene
+            chunks sized by ``max_memory``; ``n_jobs`` does not apply).
         """
         if df_method not in _DF_METHODS:
             raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
