@@ -80,6 +80,8 @@ def test_contrast_blups_and_fitted_values(data):
     np.testing.assert_allclose(res.random_effects["donor"]["D00"].to_numpy(), ref["blup_D00"],
                                atol=1e-6)
     np.testing.assert_allclose(res.predict().iloc[0].to_numpy(), ref["fitted_S00"], atol=1e-6)
+    np.testing.assert_allclose(res.random_effects_cov["donor"]["D00"].to_numpy(),
+                               ref["condvar_D00"], rtol=1e-5, atol=1e-9)   # lme4's postVar
     table = res.anova()                          # type 3 F-tests: trt has 1 df, as its t-test
     p_trt = table.xs("trt", level="term")["pvalue"].to_numpy()
     np.testing.assert_allclose(p_trt, ref["p_trtcase"], rtol=1e-4)
@@ -204,3 +206,21 @@ def test_exact_hessian_matches_finite_differences(data):
         fm, gm, _ = crit.newton_terms(g - e)
         np.testing.assert_allclose(grad[:, j], (fp - fm) / (2 * h), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(hess[:, :, j], (gp - gm) / (2 * h), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_drop_takes_the_weights_along_and_e_bayes_works(data):
+    samples, Y, W = data
+    Yn = Y.copy()
+    Yn.iloc[5, 2] = np.nan
+    with pytest.warns(UserWarning, match="1"):
+        m = flashmm.MultiGeneMixedLM.from_formula("~ trt + celltype", samples, endog=Yn,
+                                                  weights=W, groups="donor", missing="drop")
+    keep = np.arange(len(samples)) != 5
+    ref = flashmm.MultiGeneMixedLM.from_formula("~ trt + celltype", samples[keep],
+                                                endog=Y[keep], weights=W[keep], groups="donor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = m.fit(), ref.fit()
+    np.testing.assert_allclose(a.fe_params.to_numpy(), b.fe_params.to_numpy(), rtol=1e-10, atol=1e-12)
+    eb = flashmm.e_bayes(a)                   # moderation of the weight-1 residual variances
+    assert eb.t.shape == (Y.shape[1], 4) and np.all(np.isfinite(eb.t))

@@ -42,6 +42,8 @@ for (mname in names(models)) {
       re <- ranef(fit)$donor[, 1]
       names(re) <- rownames(ranef(fit)$donor)
       row$blup_D00 <- re[["D00"]]
+      pv <- attr(ranef(fit, condVar = TRUE)$donor, "postVar")
+      row$condvar_D00 <- pv[1, 1, which(rownames(ranef(fit)$donor) == "D00")]
       row$fitted_S00 <- fitted(fit)[[1]]
       rows[[g]] <- row
     }
