@@ -134,13 +134,26 @@ def log_cpm(C: np.ndarray, lib_size: np.ndarray) -> np.ndarray:
 def _trend_weights(fit: Any, C: np.ndarray, X: np.ndarray, lib_size: np.ndarray,
                    span: float) -> tuple[np.ndarray, tuple, tuple]:
     """voom's precision weights (G, n) from the linear fit, with the trend's data and curve."""
-    sx = fit.Amean + np.mean(np.log2(lib_size + 1.0)) - np.log2(1e6)
-    sy = np.sqrt(fit.sigma)
+    return mean_variance_weights(fit.Amean, fit.sigma, fit.coefficients @ X.T, C, lib_size,
+                                 span)
+
+
+def mean_variance_weights(amean: np.ndarray, sigma: np.ndarray, fitted: np.ndarray,
+                          C: np.ndarray, lib_size: np.ndarray, span: float
+                          ) -> tuple[np.ndarray, tuple, tuple]:
+    """voom's trend and weights from per-gene means, residual SDs and fitted log-CPM.
+
+    ``sqrt(sigma)`` against the mean log count (genes with all-zero counts in
+    ``C``, samples x genes, left out) is smoothed by R's ``lowess``; the weights
+    are ``1 / trend(fitted log count)^4`` with the fitted log-CPM ``fitted``
+    (genes x samples).  Returns the weights (G, n), the trend's data and curve.
+    """
+    sx = amean + np.mean(np.log2(lib_size + 1.0)) - np.log2(1e6)
+    sy = np.sqrt(sigma)
     keep = C.sum(axis=0) != 0
     if keep.sum() < 2:
         raise DataError("voom needs at least two genes with non-zero counts to fit the trend.")
     lx, ly = lowess(sx[keep], sy[keep], f=span)
-    fitted = fit.coefficients @ X.T                                   # G x n
     fitted_count = 1e-6 * (2.0 ** fitted * (lib_size + 1.0))
     w = 1.0 / approx_rule2(lx, ly, np.log2(fitted_count)) ** 4
     return w, (sx[keep], sy[keep]), (lx, ly)
@@ -408,17 +421,9 @@ def voom_with_dream_weights(
         warnings.warn(f"{int((~ok).sum())} of {G} genes could not be fitted by the mixed "
                       "model (constant log-CPM) and are dropped, as variancePartition does.",
                       stacklevel=2)
-    fitted = res.predict().to_numpy()[:, ok]                  # X b + Z u, samples x genes
-    sigma = np.sqrt(res.scale.to_numpy()[ok])
-    Ck = C[:, ok]
-    sx = E[:, ok].mean(axis=0) + np.mean(np.log2(L + 1.0)) - np.log2(1e6)
-    sy = np.sqrt(sigma)
-    nonzero = Ck.sum(axis=0) != 0
-    if nonzero.sum() < 2:
-        raise DataError("voom needs at least two genes with non-zero counts to fit the trend.")
-    lx, ly = lowess(sx[nonzero], sy[nonzero], f=span)
-    fitted_count = 1e-6 * (2.0 ** fitted * (L[:, None] + 1.0))
-    w = (1.0 / approx_rule2(lx, ly, np.log2(fitted_count)) ** 4).T
+    fitted = res.predict().to_numpy()[:, ok].T                 # X b + Z u, genes x samples
+    w, xy, line = mean_variance_weights(E[:, ok].mean(axis=0), np.sqrt(res.scale.to_numpy()[ok]),
+                                        fitted, C[:, ok], L, span)
     if rescale_weights_after and Wn is not None:
         w = w * Wn[ok]
     if np.max(w) > 1e8:
@@ -428,4 +433,4 @@ def voom_with_dream_weights(
     return VoomResult(E=E[:, ok].T, weights=w, design=X, design_names=names,
                       genes=[g for g, k in zip(genes, ok, strict=True) if k],
                       samples=_sample_names(counts, n), lib_size=L, targets=frame,
-                      voom_xy=(sx[nonzero], sy[nonzero]), voom_line=(lx, ly))
+                      voom_xy=xy, voom_line=line)
