@@ -382,6 +382,10 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
         return self._satterthwaite(L)
 
+    def _kr_parameters(self) -> tuple[ThetaStructure, np.ndarray, bool]:
+        """The fit's block layout and ``theta`` (Kenward-Roger reads ``Lambda`` from them)."""
+        return self._st, self._fit.theta, bool(self._meta["independent"])
+
     def _delta_se(self, jac: np.ndarray) -> np.ndarray:
         """Delta-method standard errors: ``jac`` (G, k, t + 1) d(quantity)/d(theta, sigma)."""
         cov = jac @ self._varpar_cov @ np.swapaxes(jac, 1, 2)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np  # formulas such as np.log(libsize) are evaluated in this namespace
 import pandas as pd
 
+from ._df_method import DF_METHODS
 from ._endog import DEFAULT_CHUNK_CELLS
 from ._errors import FlashmmError
 from ._version import __version__
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--reml", dest="reml", action="store_true", default=True, help="REML (default)")
     meth.add_argument("--ml", dest="reml", action="store_false", help="maximum likelihood")
     fit.add_argument("--df-method", default="satterthwaite",
-                     choices=["satterthwaite", "residual", "normal"], help="test df (default satterthwaite)")
+                     choices=list(DF_METHODS), help="test df (default satterthwaite)")
     fit.add_argument("--max-memory", default=None, metavar="SIZE",
                      help="memory the fit may use, e.g. 8GB (default: half of the RAM); a model "
                           "that needs more is refused before fitting")

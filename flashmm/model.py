@@ -23,6 +23,7 @@ from ._design import (
     report_dropped,
     take_rows,
 )
+from ._df_method import check_df_method
 from ._endog import (
     DEFAULT_CHUNK_CELLS,
     Transform,
@@ -39,7 +40,6 @@ from .stats import SufficientStats
 
 __all__ = ["MultiGeneMixedLM"]
 
-_DF_METHODS = ("satterthwaite", "residual", "normal")
 
 
 def _rows_of_weights(weights: Any, keep: np.ndarray) -> Any:
@@ -375,8 +375,12 @@ class MultiGeneMixedLM:
         allow_negative_variance : bool
             Reproduce R FLASHMM's unconstrained Fisher-scoring estimates
             (variances may be negative).
-        df_method : {"satterthwaite", "residual", "normal"}
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}
             Default reference distribution of the tests (overridable per test).
+            Kenward-Roger (pbkrtest's, as lmerTest's ``ddf="Kenward-Roger"``)
+            also adjusts the covariance of the fixed effects the tests use
+            (:meth:`~flashmm.MultiGeneMixedLMResults.cov_params_kr`); it
+            needs ``reml=True``.
         n_jobs : int, optional
             Threads for the structured engine (several components, random
             slopes); default: the number of cores.
@@ -393,8 +397,7 @@ class MultiGeneMixedLM:
             ``weights=`` (fitted from per-gene weighted statistics in gene
             chunks sized by ``max_memory``; ``n_jobs`` does not apply).
         """
-        if df_method not in _DF_METHODS:
-            raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
+        df_method = check_df_method(df_method, reml)
         start = None if start_params is None else np.asarray(start_params, dtype=float)
         if self.weighted is not None:
             if allow_negative_variance:
