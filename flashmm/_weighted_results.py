@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from ._df_method import KENWARD_ROGER, check_df_method
 from ._engine import (
     STATUS_ALL_ZERO,
     STATUS_EXACT,
@@ -61,10 +62,18 @@ def _weighted_rss(ws: WeightedStats) -> np.ndarray:
     return ws.yy - np.einsum("ga,ga->g", ws.XY, b)
 
 
+_KR_REFUSED = ("df_method='kenward-roger' is not available for a weighted fit: pbkrtest (the "
+               "reference of flashmm's Kenward-Roger) takes the residual covariance to be the "
+               "identity and ignores lmer's weights, so there is nothing to check it against; "
+               "use df_method='satterthwaite' (lmerTest's, which does use the weights).")
+
+
 def fit_weighted(model: Any, reml: bool = True, start_params: Any = None, maxiter: int = 200,
                  tol: float = 1e-10, df_method: str = "satterthwaite",
                  max_memory: int | float | str | None = None) -> WeightedMixedLMResults:
     """Fit every gene of a weighted model (see :mod:`flashmm._fit_weighted`)."""
+    if check_df_method(df_method, reml) == KENWARD_ROGER:
+        raise NotImplementedError(_KR_REFUSED)
     ws: WeightedStats = model.weighted
     G, p, q = ws.n_genes, ws.k_fe, ws.k_re
     k = len(model.stats.components)
@@ -119,7 +128,9 @@ class WeightedMixedLMResults(MultiGeneMixedLMResults):
     ``bse_fe``, Satterthwaite df, ``t_test``, ``wald_test``, ``anova``,
     ``summary``, random effects).  Refused, because they need statistics the
     weighted fit does not keep: profile intervals (``conf_int_re``), ``ranova``,
-    ``save``, residuals of new data (``resid_for``).  ``scale`` is the residual
+    ``save``, residuals of new data (``resid_for``); and Kenward-Roger df
+    (``df_method="kenward-roger"``), whose reference, pbkrtest, ignores lmer's
+    weights.  ``scale`` is the residual
     variance of an observation of weight 1 (lme4's ``sigma^2``).
     """
 
@@ -170,6 +181,20 @@ class WeightedMixedLMResults(MultiGeneMixedLMResults):
         return np.where(self._usable[:, None], df, np.nan)
 
     # ------------------------------------------------------------- refused
+    def _check_df_method(self, df_method: str | None) -> str:
+        method = super()._check_df_method(df_method)
+        if method == KENWARD_ROGER:
+            raise NotImplementedError(_KR_REFUSED)
+        return method
+
+    @cached_property
+    def _kr(self) -> Any:
+        raise NotImplementedError(_KR_REFUSED)
+
+    def cov_params_kr(self, gene: str | int | None = None) -> Any:
+        """Not available with weights (see the class docstring)."""
+        raise NotImplementedError(_KR_REFUSED)
+
     def conf_int_re(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
         """Not available with weights (the profile needs the unweighted shared statistics)."""
         raise NotImplementedError("profile intervals of the variance parameters are not "

@@ -224,3 +224,16 @@ def test_missing_drop_takes_the_weights_along_and_e_bayes_works(data):
     np.testing.assert_allclose(a.fe_params.to_numpy(), b.fe_params.to_numpy(), rtol=1e-10, atol=1e-12)
     eb = flashmm.e_bayes(a)                   # moderation of the weight-1 residual variances
     assert eb.t.shape == (Y.shape[1], 4) and np.all(np.isfinite(eb.t))
+
+
+def test_kenward_roger_is_refused(data):
+    samples, Y, W = data
+    m = flashmm.MultiGeneMixedLM.from_formula("~ trt", samples, endog=Y, weights=W,
+                                              groups="donor")
+    with pytest.raises(NotImplementedError, match="pbkrtest"):
+        m.fit(df_method="kenward-roger")
+    res = _fit(data, "donor", True)
+    with pytest.raises(NotImplementedError, match="satterthwaite"):
+        res.t_test([0, 1, 0, 0], df_method="KR")
+    with pytest.raises(NotImplementedError, match="pbkrtest"):
+        res.cov_params_kr()
