@@ -131,7 +131,9 @@ class WeightedMixedLMResults(MultiGeneMixedLMResults):
     ``save``, residuals of new data (``resid_for``); and Kenward-Roger df
     (``df_method="kenward-roger"``), whose reference, pbkrtest, ignores lmer's
     weights.  ``scale`` is the residual
-    variance of an observation of weight 1 (lme4's ``sigma^2``).
+    variance of an observation of weight 1 (lme4's ``sigma^2``).  ``stats``
+    holds the unweighted statistics (names, design, term structure); the
+    per-gene weighted ones are ``model.weighted``.
     """
 
     saved_engine: str | None = None
