@@ -36,6 +36,7 @@ from ._fit_weighted import (
 )
 from ._gls import GLSEstimates
 from ._memory import MemoryBudget
+from ._structure import check_identifiable
 from ._weighted_stats import WeightedStats
 from .results import MultiGeneMixedLMResults, _safe_inv
 
@@ -77,6 +78,9 @@ def fit_weighted(model: Any, reml: bool = True, start_params: Any = None, maxite
     ws: WeightedStats = model.weighted
     G, p, q = ws.n_genes, ws.k_fe, ws.k_re
     k = len(model.stats.components)
+    if k > 1:                      # as the unweighted structured engine: separable components
+        check_identifiable(model.stats.components, model.stats.ZZ, model.stats.ZX,
+                           model.stats.XX)
     per_gene = dense_bytes_per_gene(q, p, k, is_diagonal(ws))
     size = MemoryBudget.of(max_memory).genes_per_chunk(
         0, per_gene, 1,

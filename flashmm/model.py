@@ -44,8 +44,10 @@ __all__ = ["MultiGeneMixedLM"]
 
 def _rows_of_weights(weights: Any, keep: np.ndarray) -> Any:
     """The weights of the kept cells (``missing="drop"``); vectors and matrices alike."""
-    if weights is None or (hasattr(weights, "E") and hasattr(weights, "weights")):
-        return weights
+    if weights is None:
+        return None
+    if hasattr(weights, "E") and hasattr(weights, "weights"):     # VoomResult: genes x samples
+        return np.asarray(weights.weights, dtype=float).T[keep]
     w = np.asarray(weights.to_numpy() if hasattr(weights, "to_numpy") else weights, dtype=float)
     return w[keep]
 

@@ -148,6 +148,11 @@ def test_weights_shape_and_unsupported_models(data):
         flashmm.MultiGeneMixedLM.from_formula("~ trt", samples.assign(x=np.arange(len(samples))),
                                               endog=Y, weights=W, groups="donor",
                                               re_formula="~ 1 + x")
+    same = flashmm.MultiGeneMixedLM.from_formula(      # two relabellings of one partition
+        "~ trt", samples.assign(d2=samples["donor"]), endog=Y, weights=W,
+        vc_formula={"donor": "0 + C(donor)", "d2": "0 + C(d2)"})
+    with pytest.raises(DesignError):
+        same.fit()
     res = _fit(data, "donor", True)
     for call in (lambda: res.ranova(), lambda: res.conf_int_re(), lambda: res.save("x.npz")):
         with pytest.raises(NotImplementedError):
