@@ -33,6 +33,7 @@ from ._fit_weighted import (
     dense_bytes_per_gene,
     fit_weighted_genes,
     is_diagonal,
+    schur_split,
 )
 from ._gls import GLSEstimates
 from ._memory import MemoryBudget
@@ -81,7 +82,9 @@ def fit_weighted(model: Any, reml: bool = True, start_params: Any = None, maxite
     if k > 1:                      # as the unweighted structured engine: separable components
         check_identifiable(model.stats.components, model.stats.ZZ, model.stats.ZX,
                            model.stats.XX)
-    per_gene = dense_bytes_per_gene(q, p, k, is_diagonal(ws))
+    split = schur_split(ws)
+    per_gene = dense_bytes_per_gene(q, p, k, is_diagonal(ws),
+                                    None if split is None else split[1].size)
     size = MemoryBudget.of(max_memory).genes_per_chunk(
         0, per_gene, 1,
         what=f"the weighted mixed model with {q} random effects",

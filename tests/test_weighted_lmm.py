@@ -242,3 +242,26 @@ def test_kenward_roger_is_refused(data):
         res.t_test([0, 1, 0, 0], df_method="KR")
     with pytest.raises(NotImplementedError, match="pbkrtest"):
         res.cov_params_kr()
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_schur_path_equals_dense_path(data, reml):
+    # (1|donor) + (1|plate): the donors' diagonal block and a Schur complement on the plates
+    from flashmm._fit_weighted import WeightedCriterion
+
+    samples, Y, W = data
+    m = flashmm.MultiGeneMixedLM.from_formula("~ trt + celltype", samples, endog=Y, weights=W,
+                                              **MODELS["donor_plate"])
+    fast = WeightedCriterion(m.weighted, reml)
+    dense = WeightedCriterion(m.weighted, reml, force_dense=True)
+    assert fast.split is not None and dense.split is None
+    rng = np.random.default_rng(0)
+    g = rng.uniform(0.0, 2.0, size=(m.weighted.n_genes, 2))
+    g[::5, 1] = 0.0                                          # a component at the boundary
+    for a, b in zip(fast.newton_terms(g), dense.newton_terms(g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+    pa, pb = fast.parts(g), dense.parts(g)
+    np.testing.assert_allclose(fast.information(g, pa), dense.information(g, pb), rtol=1e-9,
+                               atol=1e-9)
+    np.testing.assert_allclose(pa.Minv_diag, pb.Minv_diag, rtol=1e-10)
+    np.testing.assert_allclose(pa.u, pb.u, rtol=1e-9, atol=1e-10)
