@@ -3,8 +3,9 @@
 The synthetic atlas of ``bench_atlas.py`` (499,713 cells x 11,596 genes, 259
 donors, 5 cell types) is reduced to sufficient statistics once per model by
 ``flashmm stats`` (one pass over the backed ``.h5ad``); then, in one process
-and one session, for ``one`` ``(1|donor)`` and ``nested`` ``(1|donor) +
-(1|donor:cls)`` with ``~ 0 + np.log(libsize) + cls + cls:trt``:
+and one session, for ``one`` ``(1|donor)``, ``nested`` ``(1|donor) +
+(1|donor:cls)`` and ``crossed`` ``(1|donor) + (1|batch)`` (24 batches) with
+``~ 0 + np.log(libsize) + cls + cls:trt``:
 
 * ``fit``: ``MultiGeneMixedLM.from_sufficient_stats(stats).fit()`` and the
   fixed effects with their covariance;
@@ -49,6 +50,7 @@ from flashmm import MultiGeneMixedLM, SufficientStats  # noqa: E402
 MODELS = {
     "one": ("--groups", "donor"),
     "nested": ("--groups", "donor", "--re-intercept", "--vc", "dct=0 + C(cls)"),
+    "crossed": ("--vc", "donor=0 + C(donor)", "--vc", "batch=0 + C(batch)"),
 }
 
 

@@ -28,12 +28,20 @@ piece is a product of the shared ``Z'Z``, ``Z'X``, ``X'X`` with ``W_u``::
 so that ``P_r = -E'E_r E``, ``Q_rs = E'E_r K E_s E``, ``Q_r,res = E'E_r F``,
 ``Q_res,res = X'H^-3X`` and the traces are ``tr(E_r K E_s K)``, ``tr(E_r Z'H^-2Z)``
 and ``tr H^-2`` (all at ``s = 1``; ``Phi`` and ``PhiA`` scale with ``s``, and the
-df do not depend on it).  When every random effect is nested in the group
-blocks of :mod:`flashmm._structure` (one component, nested components,
-random slopes), ``K`` and ``W_u`` are block diagonal and all of this is
-computed block by block, linear in the number of groups.  A global block
-(crossed factors) couples every column: then the same formulas run on dense
-``q x q`` matrices per gene, within the memory budget.
+df do not depend on it).
+
+Everything runs in the block layout of :mod:`flashmm._structure`: group
+blocks plus a global border of ``d`` crossed columns.  ``W_u = Wb + R S R'``
+with ``Wb`` block diagonal and ``R S R'`` of rank ``d`` (``S`` the inverse
+Schur complement of ``M``), so ``K = D - U S U'`` with ``D`` block diagonal
+with a border and ``U = ZZ R`` (q x d).  Products with ``K`` and ``W_u`` are
+block products; the traces expand as
+``tr(E_r K E_s K) = tr(E_r D E_s D) - 2 tr(S (E_r U)' D (E_s U)) + tr(S U'E_rU S U'E_sU)``,
+and the entries of ``Z'H^-2Z`` on the patterns' supports come from the same
+pieces.  The cost per gene is ``O(m s^2 (s + d + p) + d^2 (d + p))``: linear
+in the number of groups, and never q x q (one component with any ``Z'Z`` is
+first rotated to the eigenbasis of ``Z'Z``, where every column is its own
+block).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import numpy as np
 
 from ._fit_theta import BlockZZ, MFactor, _spd_inv, _sym
 from ._memory import MemoryBudget
+from ._reduce import symmetric_eigh
 from ._structure import Lambda, ThetaStructure, _bmm
 
 __all__ = ["KRDesign", "KRPieces", "kr_pieces", "kr_df", "kr_contrast_df", "kr_n_parameters"]
@@ -53,8 +62,6 @@ _IE2_COND = 1e-10
 #: pbkrtest's ``.divZero`` tolerance and its cut-off for ``V0``.
 _DIV_ZERO_TOL = 1e-14
 _V0_TOL = 1e-10
-#: float64 values of dense ``q x q`` matrices held per gene on the crossed path (K, K2, W_u, ...).
-_DENSE_MATRICES = 6
 
 
 @dataclass(frozen=True)
@@ -65,20 +72,16 @@ class KRDesign:
     ----------
     st : ThetaStructure
         Block layout and the parameters' positions.
-    zz : BlockZZ or None
-        ``Z'Z`` and ``Z'X`` in the block layout (None with a global block:
-        the dense path reads ``ZZ`` and ``ZX``).
-    ZZ, ZX, XX : ndarray
-        ``Z'Z`` (q, q), ``Z'X`` (q, p), ``X'X`` (p, p) in the order of Z's columns
-        (the dense path of designs with a global block).
+    zz : BlockZZ
+        ``Z'Z`` and ``Z'X`` in the block layout.
+    XX : ndarray
+        ``X'X`` (p, p).
     n : int
         Number of observations.
     """
 
     st: ThetaStructure
-    zz: BlockZZ | None
-    ZZ: np.ndarray
-    ZX: np.ndarray
+    zz: BlockZZ
     XX: np.ndarray
     n: int
 
@@ -86,13 +89,31 @@ class KRDesign:
     def of(cls, st: ThetaStructure, ZZ: np.ndarray, ZX: np.ndarray, XX: np.ndarray, n: int
            ) -> KRDesign:
         """The design of statistics ``Z'Z``, ``Z'X``, ``X'X`` in the layout ``st``."""
-        zz = BlockZZ.from_stats(st, ZZ, ZX) if st.glob_cols.size == 0 else None
-        return cls(st, zz, ZZ, ZX, XX, int(n))
+        return cls(st, BlockZZ.from_stats(st, ZZ, ZX), XX, int(n))
+
+    @classmethod
+    def one_component(cls, ZZ: np.ndarray, ZX: np.ndarray, XX: np.ndarray, n: int) -> KRDesign:
+        """One variance component with any ``Z'Z``, in the eigenbasis of ``Z'Z``.
+
+        ``Z U`` (``Z'Z = U diag(mu) U'``) gives the same covariance ``g Z Z'``,
+        and its cross products are diagonal: every column is a block of one
+        slot, and the adjustment costs O(q) per gene (a known covariance, whose
+        columns are not indicators, included).
+        """
+        q = ZZ.shape[0]
+        mu = np.diag(ZZ).copy()
+        if np.any(ZZ != np.diag(mu)):              # not indicators of one factor: rotate
+            mu, U = symmetric_eigh(ZZ)
+            ZX = U.T @ ZX
+        st = ThetaStructure(q=q, re_dim=0, re_pairs=[], lower=np.zeros(1), vc_components=[0],
+                            slot_cols=np.arange(q)[:, None], slot_theta=np.zeros((q, 1), dtype=int),
+                            glob_cols=np.zeros(0, dtype=int), glob_theta=np.zeros(0, dtype=int))
+        return cls.of(st, np.diag(mu), ZX, XX, n)
 
     @property
     def blocked(self) -> bool:
         """Every random effect sits in a group block (no global block)."""
-        return self.zz is not None
+        return self.st.glob_cols.size == 0
 
 
 @dataclass
@@ -109,15 +130,34 @@ class KRPieces:
     W: np.ndarray         # (G, k, k)
 
 
+# ------------------------------------------------------------ block vectors
+Block = tuple[np.ndarray, np.ndarray]   # (G, m, s, k) group blocks, (G, d, k) global columns
+
+
+def _inner(x: Block, y: Block) -> np.ndarray:
+    """``x'y`` over both parts of block vectors (G, a, b); ``x`` may be shared (no G axis)."""
+    x1, x2 = x
+    y1, y2 = y
+    G = y1.shape[0]
+    if x1.ndim == 3:                                      # shared (m, s, a), (d, a)
+        m, s, a = x1.shape
+        return (x1.reshape(m * s, a).T @ y1.reshape(G, m * s, -1)) + x2.T @ y2
+    m, s, a = x1.shape[1:]
+    return (np.swapaxes(x1.reshape(G, m * s, a), 1, 2) @ y1.reshape(G, m * s, -1)
+            + np.swapaxes(x2, 1, 2) @ y2)
+
+
 # ------------------------------------------------------------ parameter patterns
 @dataclass(frozen=True)
 class _Pattern:
-    """Entries ``(g, a, b)`` (and ``(g, b, a)``) of one ``E_r`` in a block layout ``(m, s)``."""
+    """One ``E_r``: entries ``(g, a, b)`` (and ``(g, b, a)``) of the group blocks of a layout
+    ``(m, s)``, and the 0/1 mask ``glob`` (d,) of the global columns it covers."""
 
     g: np.ndarray
     a: np.ndarray
     b: np.ndarray
     shape: tuple[int, int]
+    glob: np.ndarray
 
     @property
     def diagonal_mask(self) -> np.ndarray | None:
@@ -128,8 +168,8 @@ class _Pattern:
         mask[self.g, self.a] = 1.0
         return mask
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """``E_r x`` for block arrays (G, m, s, k)."""
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """``E_r x`` for the group part of a block array (G, m, s, k)."""
         mask = self.diagonal_mask
         if mask is not None:
             return x * mask
@@ -139,10 +179,15 @@ class _Pattern:
         out[:, self.g[off], self.b[off]] = x[:, self.g[off], self.a[off]]
         return out
 
-    def trace(self, K: np.ndarray) -> np.ndarray:
-        """``tr(E_r K)`` for symmetric block matrices (G, m, s, s)."""
-        vals = K[:, self.g, self.b, self.a]
-        return np.sum(np.where(self.a != self.b, 2.0, 1.0) * vals, axis=1)
+    def apply(self, x: Block) -> Block:
+        """``E_r x`` for block vectors."""
+        return self.rows(x[0]), x[1] * self.glob[:, None]
+
+    def trace(self, K11: np.ndarray, K22_diag: np.ndarray) -> np.ndarray:
+        """``tr(E_r K)`` from the group blocks (G, m, s, s) and the global diagonal (G, d) of ``K``."""
+        vals = K11[:, self.g, self.b, self.a]
+        group = np.sum(np.where(self.a != self.b, 2.0, 1.0) * vals, axis=1)
+        return group + K22_diag @ self.glob
 
 
 def _tril_entries(st: ThetaStructure, independent: bool) -> list[tuple[int, int]]:
@@ -158,112 +203,174 @@ def kr_n_parameters(st: ThetaStructure, independent: bool) -> int:
     return len(_tril_entries(st, independent)) + st.n_theta - st.n_pairs + 1
 
 
-def _block_patterns(st: ThetaStructure, independent: bool) -> list[_Pattern]:
-    """Patterns in the group-block layout (designs without a global block)."""
-    m, shape = st.n_groups, st.slot_cols.shape
+def _patterns(st: ThetaStructure, independent: bool) -> list[_Pattern]:
+    """The pattern of every covariance parameter but the residual variance."""
+    m, shape, d = st.n_groups, st.slot_cols.shape, st.glob_cols.size
     groups = np.arange(m)
-    pats = [_Pattern(groups, np.full(m, k), np.full(m, l), shape)
+    none = np.zeros(d)
+    pats = [_Pattern(groups, np.full(m, k), np.full(m, l), shape, none)
             for k, l in _tril_entries(st, independent)]
     for j in range(st.n_pairs, st.n_theta):
         gi, ki = np.nonzero(st.slot_theta == j)
-        pats.append(_Pattern(gi, ki, ki, shape))
+        pats.append(_Pattern(gi, ki, ki, shape, (st.glob_theta == j).astype(float)))
     return pats
 
 
-def _dense_patterns(st: ThetaStructure, independent: bool) -> list[_Pattern]:
-    """Patterns on the columns of Z (one block of size q)."""
-    pats = []
-    shape = (1, st.q)
-    for k, l in _tril_entries(st, independent):
-        ok = (st.slot_cols[:, k] >= 0) & (st.slot_cols[:, l] >= 0)
-        a, b = st.slot_cols[ok, k], st.slot_cols[ok, l]
-        pats.append(_Pattern(np.zeros(a.size, dtype=int), a, b, shape))
-    for j in range(st.n_pairs, st.n_theta):
-        cols = np.concatenate([st.slot_cols[st.slot_theta == j], st.glob_cols[st.glob_theta == j]])
-        pats.append(_Pattern(np.zeros(cols.size, dtype=int), cols, cols, shape))
-    return pats
+# ------------------------------------------------------------ V^-1 through the blocks
+@dataclass
+class _Bordered:
+    """``Z'Z`` and ``Lambda M^-1 Lambda'`` of a chunk of genes as group blocks with a border.
 
+    ``W_u = Lambda M^-1 Lambda' = Wb + R S R'``: ``Wb`` the group blocks
+    ``Lambda_g (M11^-1)_g Lambda_g'``, ``R = Lambda [-M11^-1 M12; I]`` (q x d) and
+    ``S`` the inverse Schur complement.  ``K = Z'H^-1Z = D - U S U'`` with
+    ``D = ZZ - ZZ Wb ZZ`` (group blocks ``D11``, border ``D12``, ``D22``) and
+    ``U = ZZ R``: nothing of size q x q.
+    """
 
-# ------------------------------------------------------------ W_u = Lambda M^-1 Lambda'
-def _blocked_wu(design: KRDesign, lam: Lambda) -> np.ndarray:
-    """Group blocks of ``Lambda M^-1 Lambda'`` (G, m, s, s); no global block."""
-    fac = MFactor.build(design.zz, lam)
-    if lam.diag is not None:
-        return lam.diag[..., :, None] * fac.M11inv * lam.diag[..., None, :]
-    L = np.broadcast_to(lam.blocks, fac.M11inv.shape)
-    return _sym(L @ fac.M11inv @ np.swapaxes(L, -1, -2))
+    A: np.ndarray       # (m, s, s)     shared Z'Z blocks
+    B: np.ndarray       # (m, s, d)
+    C: np.ndarray       # (d, d)
+    Wb: np.ndarray      # (G, m, s, s)
+    AW: np.ndarray      # (G, m, s, s)  A Wb
+    R: Block            # (G, m, s, d), (G, d, d)
+    S: np.ndarray       # (G, d, d)
+    D11: np.ndarray     # (G, m, s, s)
+    D12: np.ndarray     # (G, m, s, d)
+    D22: np.ndarray     # (G, d, d)
+    U: Block            # (G, m, s, d), (G, d, d)
 
+    @classmethod
+    def build(cls, zz: BlockZZ, lam: Lambda) -> _Bordered:
+        fac = MFactor.build(zz, lam)
+        if lam.diag is not None:
+            Wb = lam.diag[..., :, None] * fac.M11inv * lam.diag[..., None, :]
+        else:
+            L = np.broadcast_to(lam.blocks, fac.M11inv.shape)
+            Wb = _sym(L @ fac.M11inv @ np.swapaxes(L, -1, -2))
+        A, B, C = zz.A, zz.B, zz.C
+        dvec = lam.dvec
+        R1 = -lam.left(fac.F)
+        R2 = dvec[:, :, None] * np.eye(dvec.shape[1])
+        AW = _bmm(A, Wb)
+        WB = _bmm(Wb, np.broadcast_to(B, R1.shape)) if B.size else np.zeros(R1.shape)
+        D11 = _sym(A - _bmm(AW, A))
+        D12 = B - _bmm(A, WB) if B.size else np.zeros(R1.shape)
+        D22 = _sym(C - np.einsum("msc,gmse->gce", B, WB))
+        U1 = _bmm(A, R1) + B * dvec[:, None, None, :]
+        U2 = np.einsum("msc,gmse->gce", B, R1) + C * dvec[:, None, :]
+        return cls(A, B, C, Wb, AW, (R1, R2), fac.Scinv, D11, D12, D22, (U1, U2))
 
-def _dense_lambda(st: ThetaStructure, lam: Lambda) -> np.ndarray:
-    """``Lambda`` as dense (G, q, q) matrices in the order of Z's columns."""
-    G = lam.dvec.shape[0]
-    out = np.zeros((G, st.q, st.q))
-    valid = st.slot_cols >= 0
-    gi, a, b = np.nonzero(valid[:, :, None] & valid[:, None, :])
-    if gi.size:
-        blocks = lam.blocks
-        out[:, st.slot_cols[gi, a], st.slot_cols[gi, b]] = blocks[
-            :, gi if blocks.shape[1] > 1 else 0, a, b]
-    out[:, st.glob_cols, st.glob_cols] = lam.dvec
-    return out
+    def zz(self, v: Block) -> Block:
+        """``Z'Z v``."""
+        v1, v2 = v
+        o1 = _bmm(self.A, v1) + self.B @ v2[:, None] if self.B.size else _bmm(self.A, v1)
+        o2 = self.C @ v2 + np.einsum("msc,gmsk->gck", self.B, v1)
+        return o1, o2
 
+    def wu(self, v: Block) -> Block:
+        """``Lambda M^-1 Lambda' v``."""
+        t = self.S @ _inner(self.R, v)
+        return _bmm(self.Wb, v[0]) + self.R[0] @ t[:, None], self.R[1] @ t
 
-def _dense_wu(design: KRDesign, lam: Lambda) -> np.ndarray:
-    """``Lambda M^-1 Lambda'`` as dense (G, 1, q, q) matrices."""
-    Lam = _dense_lambda(design.st, lam)
-    LamT = np.swapaxes(Lam, 1, 2)
-    M = _sym(np.eye(design.st.q) + LamT @ design.ZZ @ Lam)
-    return _sym(Lam @ _spd_inv(M) @ LamT)[:, None]
+    def minus_zz_wu(self, v: Block) -> tuple[Block, Block]:
+        """``W_u v`` and ``(I - ZZ W_u) v`` (``Z'H^-1`` applied to a ``Z'`` vector)."""
+        w = self.wu(v)
+        z = self.zz(w)
+        return w, (v[0] - z[0], v[1] - z[1])
+
+    def d(self, v: Block) -> Block:
+        """``D v``."""
+        v1, v2 = v
+        o1 = _bmm(self.D11, v1) + self.D12 @ v2[:, None]
+        o2 = self.D22 @ v2 + np.einsum("gmsc,gmsk->gck", self.D12, v1)
+        return o1, o2
+
+    def k(self, v: Block) -> Block:
+        """``K v = Z'H^-1Z v = D v - U S U'v``."""
+        t = self.S @ _inner(self.U, v)
+        o = self.d(v)
+        return o[0] - self.U[0] @ t[:, None], o[1] - self.U[1] @ t
+
+    def trace_h2(self, n: int) -> np.ndarray:
+        """``tr H^-2 = n - 2 tr(W_u ZZ) + tr((W_u ZZ)^2)``."""
+        WbA = _bmm(self.Wb, self.A)
+        RU = _inner(self.R, self.U)
+        UWU = _inner(self.U, (_bmm(self.Wb, self.U[0]), np.zeros(self.U[1].shape)))
+        SRU = self.S @ RU
+        tW = np.einsum("gmii->g", WbA) + np.einsum("gii->g", SRU)
+        tWW = (np.einsum("gmij,gmji->g", WbA, WbA) + 2.0 * np.einsum("gij,gji->g", self.S, UWU)
+               + np.einsum("gij,gji->g", SRU, SRU))
+        return n - 2.0 * tW + tWW
+
+    def k_pieces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The group blocks, the border and the global block of ``K``."""
+        U1, U2 = self.U
+        US1 = U1 @ self.S[:, None]
+        K11 = _sym(self.D11 - US1 @ np.swapaxes(U1, -1, -2))
+        K12 = self.D12 - US1 @ np.swapaxes(U2, 1, 2)[:, None]
+        K22 = _sym(self.D22 - U2 @ self.S @ np.swapaxes(U2, 1, 2))
+        return K11, K12, K22
+
+    def k2_diagonal_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Group blocks (G, m, s, s) and global diagonal (G, d) of ``Z'H^-2Z = K - ZZ W_u K``."""
+        K11, K12, K22 = self.k_pieces()
+        V1, V2 = self.k(self.R)                      # K R
+        U1, U2 = self.U
+        US1 = U1 @ self.S[:, None]
+        K2_11 = K11 - _bmm(self.AW, K11) - US1 @ np.swapaxes(V1, -1, -2)
+        BW = np.einsum("msc,gmst->gmct", self.B, self.Wb)          # B_g' Wb_g
+        K2_22 = (np.diagonal(K22, axis1=1, axis2=2) - np.einsum("gmct,gmtc->gc", BW, K12)
+                 - np.einsum("gce,gef,gcf->gc", U2, self.S, V2))
+        return K2_11, K2_22
+
+    def trace_pair(self, r: _Pattern, s_: _Pattern, EU: list[Block], SUEU: list[np.ndarray],
+                   r_i: int, s_i: int) -> np.ndarray:
+        """``tr(E_r K E_s K)`` with ``K = D - U S U'``: ``tr(E_r D E_s D)
+        - 2 tr(S (E_r U)' D (E_s U)) + tr(S U'E_r U S U'E_s U)``."""
+        dd = (np.einsum("gmij,gmji->g", r.rows(self.D11), s_.rows(self.D11))
+              + np.einsum("gmsc,gmsc,c->g", r.rows(self.D12), self.D12, s_.glob)
+              + np.einsum("gmsc,gmsc,c->g", s_.rows(self.D12), self.D12, r.glob)
+              + np.einsum("c,gce,e->g", r.glob, self.D22 ** 2, s_.glob))
+        du = np.einsum("gij,gji->g", self.S, _inner(EU[r_i], self.d(EU[s_i])))
+        uu = np.einsum("gij,gji->g", SUEU[r_i], SUEU[s_i])
+        return dd - 2.0 * du + uu
 
 
 # ------------------------------------------------------------ the adjustment
-def _bsum(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``sum_g x_g' y_g`` over the blocks of (G, m, s, a) and (G, m, s, b) -> (G, a, b)."""
-    G, m, s, a = x.shape
-    return np.swapaxes(x.reshape(G, m * s, a), 1, 2) @ y.reshape(G, m * s, -1)
-
-
-def _shared_bsum(ZX: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``sum_g ZX_g' y_g`` for the shared blocks ``ZX`` (m, s, p) and y (G, m, s, b)."""
-    m, s, p = ZX.shape
-    return ZX.reshape(m * s, p).T @ y.reshape(y.shape[0], m * s, -1)
-
-
-def _adjust(A: np.ndarray, ZX: np.ndarray, XX: np.ndarray, n: int, Wu: np.ndarray,
-            pats: list[_Pattern]) -> KRPieces:
-    """pbkrtest's ``vcovAdj`` at unit scale from the blocks ``A = Z'Z`` (m, s, s),
-    ``ZX`` (m, s, p) and ``W_u`` (G, m, s, s); see the module docstring."""
-    G = Wu.shape[0]
-    AW = _bmm(A, Wu)                                        # (G, m, s, s)
-    K = _sym(A - _bmm(AW, A))
-    WZ = _bmm(Wu, ZX)
-    E = ZX - _bmm(A, WZ)                                    # Z'H^-1X
-    WE = _bmm(Wu, E)
-    F = E - _bmm(A, WE)                                     # Z'H^-2X
-    K2 = K - _bmm(AW, K)                                    # Z'H^-2Z
-    XH1 = _sym(XX - _shared_bsum(ZX, WZ))
-    XH2 = _sym(XH1 - _shared_bsum(ZX, WE))
-    XH3 = _sym(XH2 - _shared_bsum(ZX, _bmm(Wu, F)))
-    trH2 = n - 2.0 * np.einsum("gmii->g", AW) + np.einsum("gmij,gmji->g", AW, AW)
+def _adjust(design: KRDesign, lam: Lambda, pats: list[_Pattern]) -> KRPieces:
+    """pbkrtest's ``vcovAdj`` at unit scale for the genes of ``lam`` (see the module docstring)."""
+    zz = design.zz
+    bd = _Bordered.build(zz, lam)
+    G = lam.dvec.shape[0]
+    ZX = (zz.ZX1, zz.ZX2)
+    ZXg = zz.zx(G)
+    WZ, E = bd.minus_zz_wu(ZXg)                             # Z'H^-1X
+    WE, F = bd.minus_zz_wu(E)                               # Z'H^-2X
+    XH1 = _sym(design.XX - _inner(ZX, WZ))
+    XH2 = _sym(XH1 - _inner(ZX, WE))
+    XH3 = _sym(XH2 - _inner(ZX, bd.wu(F)))
     C = _spd_inv(XH1)
 
-    k = len(pats) + 1
-    p = XX.shape[0]
+    k, p = len(pats) + 1, design.XX.shape[0]
     PE = [pat.apply(E) for pat in pats]
-    EK = [pat.apply(K) for pat in pats]
+    KPE = [bd.k(pe) for pe in PE]
+    EU = [pat.apply(bd.U) for pat in pats]
+    SUEU = [bd.S @ _inner(bd.U, eu) for eu in EU]
+    K2_11, K2_22 = bd.k2_diagonal_blocks()
     P = np.empty((G, k, p, p))
     Q = np.empty((G, k, k, p, p))
     Kt = np.empty((G, k, k))
-    for r, (pe, ek) in enumerate(zip(PE, EK, strict=True)):
-        P[:, r] = -_sym(_bsum(E, pe))
+    for r, pat in enumerate(pats):
+        P[:, r] = -_sym(_inner(E, PE[r]))
         for s_ in range(r, k - 1):
-            Q[:, r, s_] = _bsum(pe, _bmm(K, PE[s_]))
-            Kt[:, r, s_] = np.einsum("gmij,gmji->g", ek, EK[s_])
-        Q[:, r, k - 1] = _bsum(pe, F)
-        Kt[:, r, k - 1] = pats[r].trace(K2)
+            Q[:, r, s_] = _inner(PE[r], KPE[s_])
+            Kt[:, r, s_] = bd.trace_pair(pat, pats[s_], EU, SUEU, r, s_)
+        Q[:, r, k - 1] = _inner(PE[r], F)
+        Kt[:, r, k - 1] = pat.trace(K2_11, K2_22)
     P[:, k - 1] = -XH2
     Q[:, k - 1, k - 1] = XH3
-    Kt[:, k - 1, k - 1] = trH2
+    Kt[:, k - 1, k - 1] = bd.trace_h2(design.n)
     for r in range(k):
         for s_ in range(r):
             Q[:, r, s_] = np.swapaxes(Q[:, s_, r], 1, 2)
@@ -293,14 +400,11 @@ def _kr_w(IE2: np.ndarray) -> np.ndarray:
     return W
 
 
-def _dense_floats(design: KRDesign, n_par: int) -> int:
-    q, p = design.st.q, design.XX.shape[0]
-    return (_DENSE_MATRICES + n_par) * q * q + (3 + n_par) * q * p + n_par * n_par * p * p * 2
-
-
-def _blocked_floats(design: KRDesign, n_par: int) -> int:
-    m, s, p = design.st.n_groups, design.st.block_size, design.XX.shape[0]
-    return (_DENSE_MATRICES + n_par) * m * s * s + (3 + n_par) * m * s * p + 2 * n_par ** 2 * p * p
+def _floats_per_gene(st: ThetaStructure, p: int, n_par: int) -> int:
+    """float64 values one gene holds in :func:`_adjust` (a conservative count)."""
+    m, s, d = st.n_groups, st.block_size, st.glob_cols.size
+    return (m * s * ((8 + n_par) * s + (8 + 2 * n_par) * d + (6 + 2 * n_par) * p)
+            + (12 + 2 * n_par) * d * (d + p) + 2 * n_par * n_par * p * p)
 
 
 def kr_pieces(design: KRDesign, theta: np.ndarray, independent: bool = False,
@@ -324,27 +428,18 @@ def kr_pieces(design: KRDesign, theta: np.ndarray, independent: bool = False,
     Raises
     ------
     MemoryBudgetError
-        When one gene's working set exceeds the budget (the dense path of a
-        design with crossed factors and many levels).
+        When one gene's working set exceeds the budget.
     """
     st = design.st
-    pats = (_block_patterns if design.blocked else _dense_patterns)(st, independent)
-    per_gene = 8 * (_blocked_floats if design.blocked else _dense_floats)(design, len(pats) + 1)
-    crossed = ("" if design.blocked else
-               f" ({st.glob_cols.size} of the q = {st.q} random effects are crossed with the "
-               "groups, so the adjustment uses dense q x q matrices per gene)")
+    pats = _patterns(st, independent)
+    per_gene = 8 * _floats_per_gene(st, design.XX.shape[0], len(pats) + 1)
+    zz = design.zz
+    shared = 8 * (zz.A.size + zz.B.size + zz.C.size + zz.ZX1.size + zz.ZX2.size)
     chunk = (budget or MemoryBudget.of(None)).genes_per_chunk(
-        8 * design.ZZ.size, per_gene, workers, f"Kenward-Roger for this design{crossed}",
+        shared, per_gene, workers, "Kenward-Roger for this design",
         "Raise max_memory, or use df_method='satterthwaite'.", target=256)
-    if design.blocked:
-        A, ZX = design.zz.A, design.zz.ZX1
-    else:
-        A, ZX = design.ZZ[None], design.ZX[None]
-    parts = []
-    for a in range(0, theta.shape[0], chunk):
-        lam = st.lam(theta[a:a + chunk])
-        Wu = _blocked_wu(design, lam) if design.blocked else _dense_wu(design, lam)
-        parts.append(_adjust(A, ZX, design.XX, design.n, Wu, pats))
+    parts = [_adjust(design, st.lam(theta[a:a + chunk]), pats)
+             for a in range(0, theta.shape[0], chunk)]
     return KRPieces(*(np.concatenate([getattr(x, f) for x in parts])
                       for f in ("cov", "cov_adj", "P", "W")))
 

@@ -272,9 +272,8 @@ def fit_kinship(
     tol, maxiter
         Convergence tolerance on ``log(s_g / s)`` and maximum iterations.
     df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}
-        Default df of the tests.  Kenward-Roger's adjustment is computed with
-        dense n x n matrices of the individuals per phenotype (here the random
-        effects are not nested in groups), within the memory budget.
+        Default df of the tests (Kenward-Roger: pbkrtest's, computed in the
+        eigenbasis of the kinship, O(n) per phenotype).
 
     Returns
     -------

@@ -27,7 +27,7 @@ from ._kenward_roger import (
 )
 from ._reduce import Reduced, reduce_stats, symmetric_eigh
 from ._satterthwaite import information_gs, satterthwaite_df
-from ._structure import ThetaStructure, analyse_structure
+from ._structure import analyse_structure
 from .contrasts import (
     MultiGeneContrastResults,
     build_contrasts,
@@ -360,25 +360,29 @@ class MultiGeneMixedLMResults:
         return df
 
     # ------------------------------------------------------ Kenward-Roger
-    def _kr_parameters(self) -> tuple[ThetaStructure, np.ndarray, bool]:
-        """Block layout, lme4's ``theta`` per gene and whether the slopes are independent.
+    def _kr_parameters(self) -> tuple[KRDesign, np.ndarray, bool]:
+        """The design in block layout, lme4's ``theta`` per gene, and whether slopes are
+        independent, for Kenward-Roger.
 
         The ratio engine's components are variance components: ``theta`` is the
         square root of each ratio (NaN where a ratio is negative: FLASHMM's
-        unconstrained fits have no Kenward-Roger adjustment).
+        unconstrained fits have no Kenward-Roger adjustment).  One component is
+        taken in the eigenbasis of ``Z'Z`` (:meth:`KRDesign.one_component`).
         """
-        st = analyse_structure(self.stats.components, self.stats.ZZ)
+        stats = self.stats
         with np.errstate(invalid="ignore"):
-            theta = np.sqrt(self._fit.ratios[:, st.vc_components])
-        return st, theta, False
+            theta = np.sqrt(self._fit.ratios)
+        if len(stats.components) == 1:
+            return KRDesign.one_component(stats.ZZ, stats.ZX, stats.XX, stats.n), theta, False
+        st = analyse_structure(stats.components, stats.ZZ)
+        return (KRDesign.of(st, stats.ZZ, stats.ZX, stats.XX, stats.n), theta[:, st.vc_components],
+                False)
 
     @cached_property
     def _kr(self) -> KRPieces:
         """Kenward-Roger pieces of every fitted gene at unit scale (NaN elsewhere)."""
-        st, theta, independent = self._kr_parameters()
-        stats = self.stats
-        design = KRDesign.of(st, stats.ZZ, stats.ZX, stats.XX, stats.n)
-        G, p, k = self.n_genes, self.k_fe, kr_n_parameters(st, independent)
+        design, theta, independent = self._kr_parameters()
+        G, p, k = self.n_genes, self.k_fe, kr_n_parameters(design.st, independent)
         out = KRPieces(np.full((G, p, p), np.nan), np.full((G, p, p), np.nan),
                        np.full((G, k, p, p), np.nan), np.full((G, k, k), np.nan))
         ok = np.flatnonzero(self._usable & np.all(np.isfinite(theta), axis=1))

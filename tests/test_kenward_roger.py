@@ -28,7 +28,7 @@ import pytest
 from conftest import DONOR_DESIGNS, REFERENCE
 
 from flashmm import MultiGeneMixedLM
-from flashmm._kenward_roger import KRDesign, kr_pieces
+from flashmm._kenward_roger import kr_pieces
 from flashmm._memory import MemoryBudget, MemoryBudgetError
 
 KR = REFERENCE / "kr"
@@ -146,10 +146,6 @@ def test_kenward_roger_reaches_every_test() -> None:
 
     half = stats.t.ppf(0.95, df) * se
     np.testing.assert_allclose(ci.upper.to_numpy(), (b + half).ravel())
-    gene = res.gene("g03")
-    table = gene.summary().tables[1]
-    np.testing.assert_allclose(table["Std.Err."].astype(float).to_numpy()[:res.k_fe],
-                               se[2], atol=5e-4)       # printed with 3 decimals
     sat = res.t_test("trt[T.T]", df_method="satterthwaite")
     kr = res.t_test("trt[T.T]")
     assert kr.df_method == "kenward-roger" and sat.df_method == "satterthwaite"
@@ -158,6 +154,29 @@ def test_kenward_roger_reaches_every_test() -> None:
     w = res.wald_test("trt[T.T] = 0")
     np.testing.assert_allclose(w.statistic, kr.tvalue["trt[T.T]"] ** 2, rtol=1e-10)
     np.testing.assert_allclose(w.df_denom, kr.df_denom["trt[T.T]"], rtol=1e-10)
+
+
+def tiny_one_component_fit():  # noqa: ANN201 - results
+    """Two cells per donor and cell type, 6 donors: a visible adjustment (2% of the SE)."""
+    obs = pd.read_csv(REFERENCE / "anova" / "cells.csv")
+    obs = obs[obs.donor.isin([f"D{i:02d}" for i in range(1, 7)])]
+    obs = obs.groupby(["donor", "ct"]).head(2).reset_index(drop=True)
+    return MultiGeneMixedLM.from_formula("~ ct * trt + x", obs, endog=obs[GENES],
+                                         groups="donor").fit(df_method="kenward-roger")
+
+
+@pytest.mark.parametrize("design", ["tiny", "slopes"])
+def test_gene_summary_shows_adjusted_standard_errors(design: str) -> None:
+    # one component: the ratio engine's GeneResults; slopes: the structured view
+    res = tiny_one_component_fit() if design == "tiny" else fit(design)
+    for pos in range(len(GENES)):
+        column = res.gene(pos).summary().tables[1]["Std.Err."]
+        printed = column.iloc[:res.k_fe].astype(float).to_numpy()
+        adjusted = np.sqrt(np.diagonal(res.cov_params_kr()[pos]))
+        np.testing.assert_allclose(printed, adjusted, atol=5e-4)   # 3 decimals
+    # the adjustment shows at that precision somewhere (the test can tell the two apart)
+    gap = np.abs(np.sqrt(np.diagonal(res.cov_params_kr(), axis1=1, axis2=2)) - res.bse_fe)
+    assert gap.to_numpy().max() > 1e-3
 
 
 def test_kenward_roger_spellings_and_refusals() -> None:
@@ -177,17 +196,19 @@ def test_kenward_roger_spellings_and_refusals() -> None:
 
 
 def test_crossed_design_within_a_memory_budget() -> None:
-    res = fit("crossed")
-    st, theta, _ = res._kr_parameters()
-    stats = res.stats
-    design = KRDesign.of(st, stats.ZZ, stats.ZX, stats.XX, stats.n)
-    assert not design.blocked
-    with pytest.raises(MemoryBudgetError, match="Kenward-Roger.*crossed.*satterthwaite"):
+    from flashmm._kenward_roger import _floats_per_gene, _patterns
+
+    res = fit("three")
+    design, theta, _ = res._kr_parameters()
+    assert not design.blocked                 # batches cross the donors: a global border
+    with pytest.raises(MemoryBudgetError, match="Kenward-Roger for this design"):
         kr_pieces(design, theta, budget=MemoryBudget(2_000))
     # two genes at a time give the same numbers as all at once
-    per_gene = 8 * (9 * 13 * 13 + 6 * 13 * 7 + 2 * 9 * 7 * 7)   # _dense_floats: q 13, p 7, 3 params
+    per_gene = 8 * _floats_per_gene(design.st, res.k_fe, len(_patterns(design.st, False)) + 1)
+    zz = design.zz
+    shared = 8 * (zz.A.size + zz.B.size + zz.C.size + zz.ZX1.size + zz.ZX2.size)
     whole = kr_pieces(design, theta).cov_adj
-    small = kr_pieces(design, theta, budget=MemoryBudget(8 * 13 * 13 + 2 * per_gene + 8)).cov_adj
+    small = kr_pieces(design, theta, budget=MemoryBudget(shared + 2 * per_gene + 8)).cov_adj
     np.testing.assert_allclose(small, whole, rtol=1e-12)
 
 
