@@ -567,6 +567,27 @@ def _pseudobulk_voom_dupcor(study: Study) -> MethodOutput:
     return MethodOutput(_limma_pvalues(fit, study), {"correlation": float(rho)})
 
 
+def _pseudobulk_dream(study: Study) -> MethodOutput:
+    """variancePartition's dream: voom_with_dream_weights, then the weighted LMM, Satterthwaite df.
+
+    The donor random intercept is fitted to the pseudobulk samples with voom's
+    precision weights from the mixed model (``lmer(weights = w)`` per gene);
+    genes the mixed model cannot fit are left out (counted as failed).
+    """
+    from .model import MultiGeneMixedLM
+    from .voom import voom_with_dream_weights
+
+    pb = study.pseudobulk()
+    v = voom_with_dream_weights(pb, f"{study.formula} + (1 | {DONOR})")
+    model = MultiGeneMixedLM.from_formula(study.formula, pb.obs, endog=v.E.T, groups=DONOR,
+                                          weights=v, gene_names=v.genes)
+    res = model.fit()
+    test = res.t_test(dict(zip(study.tests, study.terms, strict=True)))
+    p = test.pvalue.copy()
+    p[~res.converged.to_numpy()] = np.nan
+    return MethodOutput(p, {"median_df": float(np.nanmedian(test.df_denom.to_numpy()))})
+
+
 def _several_samples_per_donor(study: Study) -> str | None:
     """duplicate_correlation by donor needs several pseudobulk samples per donor."""
     if not study.has_celltypes:
@@ -588,9 +609,8 @@ register_method("cells_limma_block", "cells, limma block + duplicate_correlation
 register_method("pb_voom", "pseudobulk limma-voom", _pseudobulk_voom)
 register_method("pb_voom_dupcor", "pseudobulk limma-voom + duplicate_correlation",
                 _pseudobulk_voom_dupcor, applies=_several_samples_per_donor)
-# The pseudobulk weighted LMM of variancePartition's dream ("pb_dream") is one more
-# registration of this kind once flashmm has voom_with_dream_weights and per-gene
-# weights in MultiGeneMixedLM, with a ``requires`` that checks for them.
+register_method("pb_dream", "pseudobulk dream (voom_with_dream_weights + weighted LMM)",
+                _pseudobulk_dream, applies=_several_samples_per_donor)
 
 
 # ------------------------------------------------------------------ scores

@@ -220,6 +220,19 @@ def test_kenward_roger_method_runs_on_the_same_study():
     assert np.median(np.abs(kr - sat)) < 1e-3 and not np.array_equal(kr, sat)
 
 
+def test_dream_method_runs_on_the_same_study():
+    # pseudobulk dream: the weighted LMM on voom_with_dream_weights (tests/test_weighted_lmm.py
+    # checks it against lmer); here it runs in the harness and tests every gene
+    study = SMALL.simulate(seed=3)
+    cmp = fc.compare(study, ["pb_voom_dupcor", "pb_dream"])
+    p = cmp.pvalues.pivot_table(index=["gene", "test"], columns="method", values="pvalue")
+    dream = p["pb_dream"].to_numpy()
+    assert np.isfinite(dream).mean() > 0.95 and np.all((dream[np.isfinite(dream)] > 0)
+                                                       & (dream[np.isfinite(dream)] <= 1))
+    ok = np.isfinite(dream)
+    assert np.corrcoef(np.log(dream[ok]), np.log(p["pb_voom_dupcor"].to_numpy()[ok]))[0, 1] > 0.8
+
+
 def test_method_that_does_not_apply(fake_methods):
     one_type = fc.SimulationDesign(n_per_arm=3, n_genes=120, cells_per_donor=30, n_celltypes=1)
     study = one_type.simulate(seed=1)
