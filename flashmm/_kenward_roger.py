@@ -47,6 +47,7 @@ block).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,15 @@ from ._memory import MemoryBudget
 from ._reduce import symmetric_eigh
 from ._structure import Lambda, ThetaStructure, _bmm
 
-__all__ = ["KRDesign", "KRPieces", "kr_pieces", "kr_df", "kr_contrast_df", "kr_n_parameters"]
+__all__ = [
+    "KRDesign",
+    "KRPieces",
+    "kr_pieces",
+    "kr_pieces_per_gene",
+    "kr_df",
+    "kr_contrast_df",
+    "kr_n_parameters",
+]
 
 #: pbkrtest's threshold on the smallest |eigenvalue| of ``IE2`` below which ``W = 2 ginv(IE2)``.
 _IE2_COND = 1e-10
@@ -266,6 +275,19 @@ class _Bordered:
         """There are crossed (global) columns."""
         return self.C.shape[0] > 0
 
+    @classmethod
+    def dense(cls, ZZ: np.ndarray, lam_diag: np.ndarray) -> _Bordered:
+        """Per-gene ``Z'Z`` (G, q, q) and a diagonal ``Lambda`` (G, q), as one block each."""
+        G, q = lam_diag.shape
+        M = _sym(np.eye(q) + lam_diag[:, :, None] * ZZ * lam_diag[:, None, :])
+        Wb = (lam_diag[:, :, None] * _spd_inv(M) * lam_diag[:, None, :])[:, None]
+        A = ZZ[:, None]
+        AW = A @ Wb
+        empty = np.zeros((G, 1, q, 0))
+        return cls(A, np.zeros((1, q, 0)), np.zeros((0, 0)), Wb, AW,
+                   (empty, np.zeros((G, 0, 0))), np.zeros((G, 0, 0)), _sym(A - AW @ A), empty,
+                   np.zeros((G, 0, 0)), (empty, np.zeros((G, 0, 0))))
+
     def zz(self, v: Block) -> Block:
         """``Z'Z v``."""
         v1, v2 = v
@@ -351,21 +373,21 @@ class _Bordered:
 
 
 # ------------------------------------------------------------ the adjustment
-def _adjust(design: KRDesign, lam: Lambda, pats: list[_Pattern]) -> KRPieces:
-    """pbkrtest's ``vcovAdj`` at unit scale for the genes of ``lam`` (see the module docstring)."""
-    zz = design.zz
-    bd = _Bordered.build(zz, lam)
-    G = lam.dvec.shape[0]
-    ZX = (zz.ZX1, zz.ZX2)
-    ZXg = zz.zx(G)
+def _adjust(bd: _Bordered, ZX: Block, XX: np.ndarray, n: int, pats: list[_Pattern]
+            ) -> KRPieces:
+    """pbkrtest's ``vcovAdj`` at unit scale (see the module docstring) from the blocks ``bd``,
+    ``Z'X`` (shared, or per gene) and ``X'X`` ((p, p), or per gene)."""
+    G = bd.Wb.shape[0]
+    ZXg = ZX if ZX[0].ndim == 4 else (np.broadcast_to(ZX[0], (G,) + ZX[0].shape),
+                                     np.broadcast_to(ZX[1], (G,) + ZX[1].shape))
     WZ, E = bd.minus_zz_wu(ZXg)                             # Z'H^-1X
     WE, F = bd.minus_zz_wu(E)                               # Z'H^-2X
-    XH1 = _sym(design.XX - _inner(ZX, WZ))
+    XH1 = _sym(XX - _inner(ZX, WZ))
     XH2 = _sym(XH1 - _inner(ZX, WE))
     XH3 = _sym(XH2 - _inner(ZX, bd.wu(F)))
     C = _spd_inv(XH1)
 
-    k, p = len(pats) + 1, design.XX.shape[0]
+    k, p = len(pats) + 1, XX.shape[-1]
     PE = [pat.apply(E) for pat in pats]
     KPE = [bd.k(pe) for pe in PE]
     EU = [pat.apply(bd.U) for pat in pats]
@@ -383,7 +405,7 @@ def _adjust(design: KRDesign, lam: Lambda, pats: list[_Pattern]) -> KRPieces:
         Kt[:, r, k - 1] = pat.trace(K2_11, K2_22)
     P[:, k - 1] = -XH2
     Q[:, k - 1, k - 1] = XH3
-    Kt[:, k - 1, k - 1] = bd.trace_h2(design.n)
+    Kt[:, k - 1, k - 1] = bd.trace_h2(n)
     for r in range(k):
         for s_ in range(r):
             Q[:, r, s_] = np.swapaxes(Q[:, s_, r], 1, 2)
@@ -451,10 +473,63 @@ def kr_pieces(design: KRDesign, theta: np.ndarray, independent: bool = False,
     chunk = (budget or MemoryBudget.of(None)).genes_per_chunk(
         shared, per_gene, workers, "Kenward-Roger for this design",
         "Raise max_memory, or use df_method='satterthwaite'.", target=1024)
-    parts = [_adjust(design, st.lam(theta[a:a + chunk]), pats)
-             for a in range(0, theta.shape[0], chunk)]
+    ZX = (zz.ZX1, zz.ZX2)
+    parts = [_adjust(_Bordered.build(zz, st.lam(theta[a:a + chunk])), ZX, design.XX, design.n,
+                     pats) for a in range(0, theta.shape[0], chunk)]
+    return _concatenate(parts)
+
+
+def _concatenate(parts: list[KRPieces]) -> KRPieces:
     return KRPieces(*(np.concatenate([getattr(x, f) for x in parts])
                       for f in ("cov", "cov_adj", "P", "W")))
+
+
+def kr_pieces_per_gene(ZZ: Any, ZX: np.ndarray, XX: np.ndarray, n: int, lam_diag: np.ndarray,
+                       component_index: np.ndarray, budget: MemoryBudget | None = None,
+                       workers: int = 1) -> KRPieces:
+    """Kenward-Roger pieces for statistics that differ between genes (precision weights).
+
+    With weights ``w`` (lme4's ``lmer(weights = w)``, residual covariance
+    ``s W^-1``) the model of ``W^1/2 y`` has ``V = s (I + Z~ Lambda Lambda' Z~')``
+    with ``Z~ = W^1/2 Z``, and ``W^1/2`` maps pbkrtest's ``G_r`` and ``G_res =
+    W^-1`` to ``Z~ E_r Z~'`` and ``I``: the adjustment is the unweighted one on
+    the weighted statistics ``Z'WZ``, ``Z'WX``, ``X'WX``.  Those are per gene,
+    so each gene's ``Z'WZ`` is one dense block (the pseudobulk scale: q of a
+    few hundred at most), in chunks of genes sized to the budget.
+
+    Parameters
+    ----------
+    ZZ : callable
+        ``ZZ(idx)``: ``Z'WZ`` of the genes ``idx`` as (len(idx), q, q).
+    ZX, XX : ndarray (G, q, p), (G, p, p)
+        ``Z'WX`` and ``X'WX`` per gene.
+    n : int
+        Number of observations.
+    lam_diag : ndarray (G, q)
+        ``Lambda``'s diagonal (variance components only): ``sqrt`` of the ratio
+        of each column's component.
+    component_index : ndarray (q,)
+        Component of every column.
+    budget, workers
+        As :func:`kr_pieces`.
+    """
+    G, q = lam_diag.shape
+    p = XX.shape[-1]
+    k = int(component_index.max()) + 1
+    cols = np.arange(q)
+    pats = [_Pattern(np.zeros(int(np.sum(component_index == j)), dtype=int),
+                     cols[component_index == j], cols[component_index == j], (1, q), np.zeros(0))
+            for j in range(k)]
+    per_gene = 8 * ((10 + k) * q * q + (8 + 2 * k) * q * p + 2 * (k + 1) ** 2 * p * p)
+    chunk = (budget or MemoryBudget.of(None)).genes_per_chunk(
+        0, per_gene, workers, "Kenward-Roger with precision weights (dense Z'WZ per gene)",
+        "Raise max_memory, or use df_method='satterthwaite'.", target=256)
+    parts = []
+    for a in range(0, G, chunk):
+        idx = np.arange(a, min(G, a + chunk))
+        bd = _Bordered.dense(ZZ(idx), lam_diag[idx])
+        parts.append(_adjust(bd, (ZX[idx][:, None], np.zeros((idx.size, 0, p))), XX[idx], n, pats))
+    return _concatenate(parts)
 
 
 # ------------------------------------------------------------ df and F scaling

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from ._df_method import KENWARD_ROGER, check_df_method
+from ._df_method import check_df_method
 from ._engine import (
     STATUS_ALL_ZERO,
     STATUS_EXACT,
@@ -36,6 +36,7 @@ from ._fit_weighted import (
     schur_split,
 )
 from ._gls import GLSEstimates
+from ._kenward_roger import KRPieces, kr_pieces_per_gene
 from ._memory import MemoryBudget
 from ._structure import check_identifiable
 from ._weighted_stats import WeightedStats
@@ -64,18 +65,11 @@ def _weighted_rss(ws: WeightedStats) -> np.ndarray:
     return ws.yy - np.einsum("ga,ga->g", ws.XY, b)
 
 
-_KR_REFUSED = ("df_method='kenward-roger' is not available for a weighted fit: pbkrtest (the "
-               "reference of flashmm's Kenward-Roger) takes the residual covariance to be the "
-               "identity and ignores lmer's weights, so there is nothing to check it against; "
-               "use df_method='satterthwaite' (lmerTest's, which does use the weights).")
-
-
 def fit_weighted(model: Any, reml: bool = True, start_params: Any = None, maxiter: int = 200,
                  tol: float = 1e-10, df_method: str = "satterthwaite",
                  max_memory: int | float | str | None = None) -> WeightedMixedLMResults:
     """Fit every gene of a weighted model (see :mod:`flashmm._fit_weighted`)."""
-    if check_df_method(df_method, reml) == KENWARD_ROGER:
-        raise NotImplementedError(_KR_REFUSED)
+    df_method = check_df_method(df_method, reml)
     ws: WeightedStats = model.weighted
     G, p, q = ws.n_genes, ws.k_fe, ws.k_re
     k = len(model.stats.components)
@@ -135,9 +129,10 @@ class WeightedMixedLMResults(MultiGeneMixedLMResults):
     ``bse_fe``, Satterthwaite df, ``t_test``, ``wald_test``, ``anova``,
     ``summary``, random effects).  Refused, because they need statistics the
     weighted fit does not keep: profile intervals (``conf_int_re``), ``ranova``,
-    ``save``, residuals of new data (``resid_for``); and Kenward-Roger df
-    (``df_method="kenward-roger"``), whose reference, pbkrtest, ignores lmer's
-    weights.  ``scale`` is the residual
+    ``save``, residuals of new data (``resid_for``).  Kenward-Roger uses the
+    weighted model's own covariance ``s W^-1 + Z Psi Z'`` (pbkrtest's
+    ``vcovAdj`` would take the residual covariance to be the identity and
+    ignore lmer's weights).  ``scale`` is the residual
     variance of an observation of weight 1 (lme4's ``sigma^2``).  ``stats``
     holds the unweighted statistics (names, design, term structure); the
     per-gene weighted ones are ``model.weighted``.
@@ -189,20 +184,29 @@ class WeightedMixedLMResults(MultiGeneMixedLMResults):
             df = 2.0 * v * v / np.einsum("gri,gij,grj->gr", grad, A, grad)
         return np.where(self._usable[:, None], df, np.nan)
 
-    # ------------------------------------------------------------- refused
-    def _check_df_method(self, df_method: str | None) -> str:
-        method = super()._check_df_method(df_method)
-        if method == KENWARD_ROGER:
-            raise NotImplementedError(_KR_REFUSED)
-        return method
-
     @cached_property
-    def _kr(self) -> Any:
-        raise NotImplementedError(_KR_REFUSED)
+    def _kr(self) -> KRPieces:
+        """Kenward-Roger pieces from the per-gene weighted statistics (unit scale).
 
-    def cov_params_kr(self, gene: str | int | None = None) -> Any:
-        """Not available with weights (see the class docstring)."""
-        raise NotImplementedError(_KR_REFUSED)
+        See :func:`flashmm._kenward_roger.kr_pieces_per_gene`: the unweighted
+        adjustment of ``W^1/2 y``, whose residual covariance is the identity.
+        """
+        ws: WeightedStats = self.model.weighted
+        G, p, k = self.n_genes, self.k_fe, len(self.component_names) + 1
+        out = KRPieces(np.full((G, p, p), np.nan), np.full((G, p, p), np.nan),
+                       np.full((G, k, p, p), np.nan), np.full((G, k, k), np.nan))
+        with np.errstate(invalid="ignore"):
+            lam = np.sqrt(self._fit.ratios)[:, ws.component_index]
+        ok = np.flatnonzero(self._usable & np.all(np.isfinite(lam), axis=1))
+        if ok.size:
+            with threadpool_limits(limits=1, user_api="blas"):
+                got = kr_pieces_per_gene(lambda idx: ws.dense_ZZ(ok[idx]), ws.ZX[ok], ws.XX[ok],
+                                         ws.n, lam[ok], ws.component_index)
+            for name in ("cov", "cov_adj", "P", "W"):
+                getattr(out, name)[ok] = getattr(got, name)
+        return out
+
+    # ------------------------------------------------------------- refused
 
     def conf_int_re(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
         """Not available with weights (the profile needs the unweighted shared statistics)."""
