@@ -259,6 +259,7 @@ def test_kenward_roger_matches_pbkrtest_with_the_weights(data, model):
     assert res.anova().den_df.notna().all()
 
 
+@pytest.mark.parametrize("reml", [True, False])
 def test_schur_path_equals_dense_path(data, reml):
     # (1|donor) + (1|plate): the donors' diagonal block and a Schur complement on the plates
     from flashmm._fit_weighted import WeightedCriterion
