@@ -110,7 +110,7 @@ PUBLIC_MODULES = [
     "flashmm.ranova",
     "flashmm.lsmeans", "flashmm.stats",
     "flashmm.summary", "flashmm.datasets", "flashmm.io", "flashmm.plot", "flashmm.dask",
-    "flashmm.limma", "flashmm.kinship", "flashmm.cli", "flashmm.predict",
+    "flashmm.limma", "flashmm.kinship", "flashmm.cli", "flashmm.predict", "flashmm.compare",
 ]
 
 

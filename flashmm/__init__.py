@@ -55,10 +55,14 @@ from .kinship import fit_kinship  # noqa: E402
 
 __all__ += ["fit_kinship"]
 
-from .voom import VoomResult, voom  # noqa: E402
+from .voom import VoomResult, voom, voom_with_dream_weights  # noqa: E402
 
-__all__ += ["voom", "VoomResult"]
+__all__ += ["voom", "voom_with_dream_weights", "VoomResult"]
 
 from .pseudobulk import pseudobulk  # noqa: E402
 
 __all__ += ["pseudobulk"]
+
+from ._weighted_results import WeightedMixedLMResults  # noqa: E402
+
+__all__ += ["WeightedMixedLMResults"]

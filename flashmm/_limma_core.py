@@ -36,6 +36,7 @@ __all__ = [
     "gls_shared",
     "gls_per_gene",
     "block_correlation_per_gene",
+    "statmod_block_correlation",
     "trigamma_inverse",
     "fit_f_dist",
     "tmixture",
@@ -275,16 +276,18 @@ def _maximise_reml(d: np.ndarray, u2: np.ndarray, lo: float, hi: float) -> np.nd
 
 
 def block_correlation_per_gene(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: np.ndarray,
-                               lo: float, hi: float = 0.99) -> np.ndarray:
-    """Per-gene REML within-block correlation with gene-specific weights, in ``[lo, hi]``.
+                               lo: float, hi: float = 0.99, method: str = "statmod") -> np.ndarray:
+    """Per-gene within-block correlation with gene-specific weights, clipped to ``[lo, hi]``.
 
     The model of limma's ``duplicateCorrelation`` with weights (statmod's
     ``mixedModel2Fit``): ``sqrt(w) y = sqrt(w) X b + Z u + e`` with
-    ``var(u) = s_b I``, ``var(e) = s_e I``, correlation ``s_b / (s_b + s_e)``.  The REML
-    likelihood of the rotated residuals (:func:`_rotated_residuals`) is profiled
-    over ``s_e`` and maximised over the correlation, vectorised over the genes
-    of a chunk.  limma clips the unconstrained estimate to ``[lo, hi]``; for a
-    unimodal likelihood that is the maximiser over ``[lo, hi]`` computed here.
+    ``var(u) = s_b I``, ``var(e) = s_e I``, correlation ``s_b / (s_b + s_e)``,
+    from the rotated residuals (:func:`_rotated_residuals`), vectorised over the
+    genes of a chunk.  ``method="statmod"``: statmod's gamma-GLM iterations,
+    stopped after 20 as limma does (:func:`statmod_block_correlation`; limma's
+    numbers).  ``method="reml"``: the REML likelihood profiled over ``s_e`` and
+    maximised over ``[lo, hi]`` (a grid, then golden sections; for a unimodal
+    likelihood the clipped maximiser).
 
     Parameters
     ----------
@@ -296,6 +299,7 @@ def block_correlation_per_gene(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: n
         Block indicator.
     lo, hi : float
         Bounds of the correlation (limma: ``1 / (1 - max block size) + 0.01`` and 0.99).
+    method : {"statmod", "reml"}
 
     Returns
     -------
@@ -309,9 +313,116 @@ def block_correlation_per_gene(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: n
         sl = slice(start, min(G, start + step))
         d, u2 = _rotated_residuals(Y[:, sl], X, Z, W[:, sl])
         ok = np.mean(u2, axis=1) > 0
-        if ok.any():
-            rho[np.arange(sl.start, sl.stop)[ok]] = _maximise_reml(d[ok], u2[ok], lo, hi)
+        if not ok.any():
+            continue
+        rows = np.arange(sl.start, sl.stop)[ok]
+        if method == "statmod":
+            rho[rows] = np.clip(statmod_block_correlation(d[ok], u2[ok]), lo, hi)
+        else:
+            rho[rows] = _maximise_reml(d[ok], u2[ok], lo, hi)
     return rho
+
+
+def _gamma_deviance(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """statmod's gamma deviance per row (``inf`` where a fitted value is negative)."""
+    skip = (y < 1e-15) & (mu < 1e-15)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        term = np.where(skip, 0.0, (y - mu) / mu - np.log(y / mu))
+    dev = 2.0 * np.sum(term, axis=1)
+    return np.where(np.any(mu < 0, axis=1), np.inf, dev)
+
+
+def _glmgam_identity(d: np.ndarray, y: np.ndarray, beta: np.ndarray, tol: float,
+                     maxit: int) -> np.ndarray:
+    """statmod's ``glmgam.fit`` (gamma GLM, identity link, Levenberg damping), row-wise.
+
+    The model is ``E y = beta_0 + beta_1 d`` for every row (gene) of ``d`` and
+    ``y``; the iteration, its damping schedule, variance floor and stopping
+    rules are statmod's, step for step, vectorised over the rows.
+    """
+    G = y.shape[0]
+    X = np.stack([np.ones_like(d), d], axis=2)                       # (G, m, 2)
+    mu = np.einsum("gmk,gk->gm", X, beta)
+    dev = _gamma_deviance(y, mu)
+    lam = np.zeros(G)
+    active = np.ones(G, dtype=bool)
+    eye = np.eye(2)
+    for it in range(1, maxit + 2):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        v = mu[idx] ** 2
+        v = np.maximum(v, np.max(v, axis=1, keepdims=True) / 1e3)
+        Xi = X[idx]
+        XVX = np.einsum("gmk,gm,gml->gkl", Xi, 1.0 / v, Xi)
+        maxinfo = np.max(np.diagonal(XVX, axis1=1, axis2=2), axis=1)
+        if it == 1:
+            lam[idx] = np.abs(np.mean(np.diagonal(XVX, axis1=1, axis2=2), axis=1)) / 2.0
+        dl = np.einsum("gmk,gm->gk", Xi, (y[idx] - mu[idx]) / v)
+        beta_old, dev_old = beta[idx].copy(), dev[idx].copy()
+        lev = np.zeros(idx.size, dtype=np.int64)
+        dbeta = np.zeros((idx.size, 2))
+        damping = np.ones(idx.size, dtype=bool)                        # inner loop running
+        too_much = np.zeros(idx.size, dtype=bool)
+        new_beta, new_mu, new_dev = beta_old.copy(), mu[idx].copy(), dev_old.copy()
+        while damping.any():
+            j = np.flatnonzero(damping)
+            lev[j] += 1
+            step = np.linalg.solve(XVX[j] + lam[idx[j], None, None] * eye, dl[j][:, :, None])[..., 0]
+            b = beta_old[j] + step
+            m = np.einsum("gmk,gk->gm", Xi[j], b)
+            dv = _gamma_deviance(y[idx[j]], m)
+            dbeta[j], new_beta[j], new_mu[j], new_dev[j] = step, b, m, dv
+            with np.errstate(divide="ignore", invalid="ignore"):
+                done = (dv <= dev_old[j]) | (dv / np.max(m, axis=1) < 1e-15)
+            over = ~done & (lam[idx[j]] / maxinfo[j] > 1e15)
+            new_beta[j[over]] = beta_old[j[over]]
+            too_much[j[over]] = True
+            lam[idx[j[~done & ~over]]] *= 2.0
+            damping[j[done | over]] = False
+        beta[idx], mu[idx], dev[idx] = new_beta, new_mu, new_dev
+        stop = too_much | (lam[idx] / maxinfo > 1e15)
+        lam[idx[(lev == 1) & ~stop]] /= 10.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stop |= (np.sum(dl * dbeta, axis=1) < tol) | (new_dev / np.max(new_mu, axis=1) < 1e-15)
+        stop |= it > maxit
+        active[idx[stop]] = False
+    return beta
+
+
+def statmod_block_correlation(d: np.ndarray, u2: np.ndarray, maxit: int = 20,
+                              tol: float = 1e-6) -> np.ndarray:
+    """Per-gene within-block correlation as limma computes it (statmod's ``mixedModel2Fit``).
+
+    ``d`` and ``u2`` are the eigenvalues and squared rotated residuals of
+    :func:`_rotated_residuals` (any orthonormal basis gives the same numbers).
+    The variance components ``(s_e, s_b)`` are the gamma GLM ``E u2 = s_e + s_b d``:
+    least squares first, then -- when there are more than two residual degrees
+    of freedom and ``d`` varies -- statmod's ``glmgam.fit`` from there (or from
+    ``(mean(u2), 0)`` if the least-squares fit is negative somewhere), stopped
+    after ``maxit`` iterations as limma's ``duplicateCorrelation`` asks.  Returns
+    ``s_b / (s_e + s_b)``, unclipped (NaN where not estimable).
+    """
+    G, m = u2.shape
+    X = np.stack([np.ones_like(d), d], axis=2)
+    with np.errstate(all="ignore"):
+        XtX = np.einsum("gmk,gml->gkl", X, X)
+        Xty = np.einsum("gmk,gm->gk", X, u2)
+        ls = np.full((G, 2), np.nan)
+        okls = np.abs(np.linalg.det(XtX)) > 1e-300
+        ls[okls] = np.linalg.solve(XtX[okls], Xty[okls][:, :, None])[..., 0]
+    fitted = np.einsum("gmk,gk->gm", X, np.where(np.isfinite(ls), ls, 0.0))
+    varies = (m > 2) & (np.sum(np.abs(d) > 1e-15, axis=1) > 1) & (np.var(d, axis=1, ddof=1) > 1e-15)
+    coef = ls.copy()
+    glm = np.flatnonzero(varies & okls & (np.max(u2, axis=1) > 0))
+    if glm.size:
+        start = np.where(np.all(fitted[glm] >= 0, axis=1)[:, None], ls[glm],
+                         np.column_stack([u2[glm].mean(axis=1), np.zeros(glm.size)]))
+        coef[glm] = _glmgam_identity(d[glm], u2[glm], start.copy(), tol, maxit)
+    zero = varies & okls & (np.max(u2, axis=1) == 0)
+    coef[zero] = 0.0
+    with np.errstate(all="ignore"):
+        return coef[:, 1] / (coef[:, 0] + coef[:, 1])
 
 
 # ----------------------------------------------------------- empirical Bayes

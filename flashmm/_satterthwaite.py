@@ -106,10 +106,12 @@ def _vgrad(stats: SufficientStats, ratios: np.ndarray, scale: np.ndarray,
 
 def satterthwaite_df(stats: SufficientStats, red: Reduced, ratios: np.ndarray, scale: np.ndarray,
                      cov_unscaled: np.ndarray, L: np.ndarray, reml: bool,
-                     info: np.ndarray | None = None) -> np.ndarray:
+                     info: np.ndarray | None = None,
+                     eig_ZZ: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Satterthwaite df per gene (rows) and contrast row of ``L`` (columns).
 
-    ``L`` is r x p (the same contrasts for every gene) or G x r x p.
+    ``L`` is r x p (the same contrasts for every gene) or G x r x p; ``eig_ZZ``
+    is ``symmetric_eigh(stats.ZZ)`` if already computed (one component).
     """
     G, k = ratios.shape
     out = np.full((G, L.shape[-2]), np.nan)
@@ -118,7 +120,8 @@ def satterthwaite_df(stats: SufficientStats, red: Reduced, ratios: np.ndarray, s
         return out
     per_gene = stats.k_re * L.shape[-2] + (stats.k_re * stats.k_re if k > 1 else 0)
     block = max(1, 4_000_000 // max(1, per_gene))
-    eig_ZZ = symmetric_eigh(stats.ZZ) if k == 1 else None
+    if k == 1 and eig_ZZ is None:
+        eig_ZZ = symmetric_eigh(stats.ZZ)
     for s0 in range(0, ok.size, block):
         idx = ok[s0:s0 + block]
         rat = ratios[idx]

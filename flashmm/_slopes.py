@@ -41,6 +41,7 @@ from ._fit_theta import (
     varpar_covariance,
     varpar_information,
 )
+from ._kenward_roger import KRDesign
 from ._memory import MemoryBudget
 from ._reduce import residual_ss
 from ._structure import analyse_structure, check_identifiable
@@ -382,6 +383,12 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
         return self._satterthwaite(L)
 
+    def _kr_parameters(self) -> tuple[KRDesign, np.ndarray, bool]:
+        """The fit's block layout and ``theta`` (Kenward-Roger reads ``Lambda`` from them)."""
+        stats = self.stats
+        design = KRDesign.of(self._st, stats.ZZ, stats.ZX, stats.XX, stats.n)
+        return design, self._fit.theta, bool(self._meta["independent"])
+
     def _delta_se(self, jac: np.ndarray) -> np.ndarray:
         """Delta-method standard errors: ``jac`` (G, k, t + 1) d(quantity)/d(theta, sigma)."""
         cov = jac @ self._varpar_cov @ np.swapaxes(jac, 1, 2)
@@ -603,7 +610,8 @@ class RandomSlopesGeneResults(GeneResults):
         })
         smry.add_title("Mixed Linear Model Regression Results")
         p = parent.k_fe
-        b, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
+        b = self.fe_params.to_numpy()
+        se = np.sqrt(np.diagonal(parent.contrast_cov(method)[self._pos]))
         df = parent.contrast_df(np.eye(p), method)[self._pos]
         t = b / se
         normal = bool(np.all(np.isinf(df)))

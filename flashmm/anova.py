@@ -32,13 +32,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from ._df_method import KENWARD_ROGER
 from ._terms import TermStructure, structure_of
 from .contrasts import bh_adjust
 
-__all__ = ["anova_table", "anova_contrasts", "contest_md", "check_df_method"]
+__all__ = ["anova_table", "anova_contrasts", "contest_md"]
 
 _TYPES = {1: 1, 2: 2, 3: 3, "1": 1, "2": 2, "3": 3, "I": 1, "II": 2, "III": 3}
-_DF_METHODS = ("satterthwaite", "residual", "normal")
 #: lmerTest's relative tolerance on the eigenvalues of ``L V L'`` (``sqrt(.Machine$double.eps)``).
 _EIGEN_TOL = float(np.sqrt(np.finfo(float).eps))
 #: lmerTest's ``get_Fstat_ddf`` tolerance: equal nu's give their mean.
@@ -49,35 +49,6 @@ _DOOLITTLE_EPS = 1e-6
 COLUMNS = ["sum_sq", "mean_sq", "num_df", "den_df", "F", "pvalue", "padj"]
 
 
-def check_df_method(df_method: str) -> str:
-    """Validate ``df_method``; Kenward-Roger is refused with a clear message.
-
-    Parameters
-    ----------
-    df_method : str
-        ``"satterthwaite"``, ``"residual"`` or ``"normal"`` (any case).
-
-    Returns
-    -------
-    str
-        The method in lower case.
-
-    Raises
-    ------
-    NotImplementedError
-        For ``"kenward-roger"``, not available yet.
-    ValueError
-        For any other unknown method.
-    """
-    method = str(df_method).lower().replace("_", "-")
-    if method in ("kenward-roger", "kr", "kenward roger"):
-        raise NotImplementedError(
-            "df_method='kenward-roger' is not available yet in flashmm; use 'satterthwaite' "
-            "(lmerTest's default), 'residual' or 'normal'."
-        )
-    if method not in _DF_METHODS:
-        raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
-    return method
 
 
 def _check_type(type: Any) -> int:
@@ -228,10 +199,12 @@ def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite",
         ``contrast_df_rows``).
     L : ndarray, shape (r, p)
         Hypothesis ``L b = 0``, the same for every gene.
-    df_method : {"satterthwaite", "residual", "normal"}
-        Denominator df of the F statistic.
+    df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}
+        Denominator df of the F statistic.  Kenward-Roger follows lmerTest:
+        pbkrtest's ``KRmodcomp`` F (scaled, on the adjusted covariance), its
+        df, and sums of squares from the unscaled F.
     cov : ndarray, shape (genes, p, p), optional
-        ``res.cov_params()``, if already computed.
+        ``res.contrast_cov(df_method)``, if already computed.
 
     Returns
     -------
@@ -240,12 +213,14 @@ def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite",
         (NaN for genes that were not fitted).
     """
     b = res.fe_params.to_numpy()
-    cov = res.cov_params() if cov is None else cov
+    cov = res.contrast_cov(df_method) if cov is None else cov
     sigma2 = res.scale.to_numpy()
     G, r = b.shape[0], L.shape[0]
     out = {k: np.full(G, np.nan) for k in COLUMNS[:-1]}
     if r == 0:
         return out
+    if df_method == KENWARD_ROGER:
+        return _contest_kr(res, L, b, cov, sigma2, out)
     V = np.einsum("rp,gpk,sk->grs", L, cov, L)
     ok = np.flatnonzero(np.all(np.isfinite(V), axis=(1, 2)) & np.all(np.isfinite(b), axis=1))
     if ok.size == 0:
@@ -264,6 +239,33 @@ def contest_md(res: Any, L: np.ndarray, df_method: str = "satterthwaite",
     out["mean_sq"][ok] = F * sigma2[ok]
     out["sum_sq"][ok] = F * sigma2[ok] * q
     out["pvalue"][ok] = _f_pvalue(F, q, den)
+    return out
+
+
+def _contest_kr(res: Any, L: np.ndarray, b: np.ndarray, cov_adj: np.ndarray, sigma2: np.ndarray,
+                out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """lmerTest's Kenward-Roger ``contestMD``: pbkrtest's ``KRmodcomp`` on a basis of ``L``'s rows.
+
+    The test of ``L b = 0`` depends on the row space of ``L`` only, so an
+    orthonormal basis of it (rank ``q``) stands in for ``L``.
+    """
+    _, sv, Vt = np.linalg.svd(L, full_matrices=False)
+    q = int(np.sum(sv > _EIGEN_TOL * sv[0])) if sv.size and sv[0] > 0 else 0
+    if q == 0:
+        return out
+    B = Vt[:q]
+    ok = np.flatnonzero(np.all(np.isfinite(cov_adj), axis=(1, 2)) & np.all(np.isfinite(b), axis=1))
+    if ok.size == 0:
+        return out
+    est = b[ok] @ B.T
+    V = np.einsum("rp,gpk,sk->grs", B, cov_adj[ok], B)
+    F_u = np.einsum("gr,gr->g", est, np.linalg.solve(V, est[:, :, None])[:, :, 0]) / q
+    den, scaling = res.kr_ftest(B)
+    F = scaling[ok] * F_u
+    out["F"][ok], out["num_df"][ok], out["den_df"][ok] = F, q, den[ok]
+    out["mean_sq"][ok] = F_u * sigma2[ok]
+    out["sum_sq"][ok] = F_u * sigma2[ok] * q
+    out["pvalue"][ok] = _f_pvalue(F, np.full(ok.size, q), den[ok])
     return out
 
 
@@ -321,7 +323,7 @@ def anova_table(res: Any, type: Any = 3, df_method: str = "satterthwaite") -> pd
         A fit of a model built with ``from_formula``.
     type : {3, 2, 1, "III", "II", "I"}
         The type of the table.
-    df_method : {"satterthwaite", "residual", "normal"}
+    df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}
         Denominator df of the F-tests.
 
     Returns
@@ -330,13 +332,13 @@ def anova_table(res: Any, type: Any = 3, df_method: str = "satterthwaite") -> pd
         Indexed by (gene, term); columns ``sum_sq, mean_sq, num_df, den_df, F,
         pvalue, padj`` (Benjamini-Hochberg within each term, NaN genes left out).
     """
-    method = check_df_method(df_method)
+    method = res._check_df_method(df_method)
     st = structure_of(res.stats.info)
     hyps = anova_contrasts(st, np.asarray(res.stats.XX, dtype=float), type)
     terms = [t for t in st.term_names if t in hyps]
     G = res.n_genes
     cols = {k: np.full((G, len(terms)), np.nan) for k in COLUMNS}
-    cov = res.cov_params()
+    cov = res.contrast_cov(method)
     for j, name in enumerate(terms):
         test = contest_md(res, hyps[name], method, cov)
         for k, v in test.items():

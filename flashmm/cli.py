@@ -1,10 +1,12 @@
-r"""Command line interface: ``flashmm demo``, ``flashmm fit`` and ``flashmm stats``.
+r"""Command line interface: ``flashmm demo``, ``fit``, ``stats`` and ``compare``.
 
 ``flashmm demo`` simulates a multi-sample single-cell study and runs the whole
 differential-expression workflow on it; ``flashmm stats`` makes one pass over
 the cells of an ``.h5ad`` file (read backed, chunk by chunk) and saves the
 sufficient statistics; ``flashmm fit`` fits the model from an ``.h5ad`` file or
-from saved statistics and writes a tidy CSV table.
+from saved statistics and writes a tidy CSV table; ``flashmm compare`` runs a
+method-comparison study on simulated data (:mod:`flashmm.compare`) and writes
+its scores, p-values and plots.
 
 The model is given as in ``MultiGeneMixedLM.from_formula``: ``--formula``
 (fixed effects), ``--groups`` (random group intercept), ``--vc NAME=FORMULA``
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np  # formulas such as np.log(libsize) are evaluated in this namespace
 import pandas as pd
 
+from ._df_method import DF_METHODS
 from ._errors import FlashmmError
 from ._pass import DEFAULT_CHECKPOINT_EVERY
 from ._version import __version__
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Linear mixed models for thousands of genes at once (single-cell DE).",
     )
     parser.add_argument("--version", action="version", version=f"flashmm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,fit,stats}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,fit,stats,compare}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="simulate a study and run the whole DE workflow on it")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--reml", dest="reml", action="store_true", default=True, help="REML (default)")
     meth.add_argument("--ml", dest="reml", action="store_false", help="maximum likelihood")
     fit.add_argument("--df-method", default="satterthwaite",
-                     choices=["satterthwaite", "residual", "normal"], help="test df (default satterthwaite)")
+                     choices=list(DF_METHODS), help="test df (default satterthwaite)")
     fit.add_argument("--max-memory", default=None, metavar="SIZE",
                      help="memory the pass and the fit may use, e.g. 8GB (default: half of the RAM); "
                           "sets the chunk size of the pass; a model that needs more is refused "
@@ -107,7 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"chunks between checkpoints (default {DEFAULT_CHECKPOINT_EVERY})")
     st.add_argument("--quiet", action="store_true",
                     help="no progress bar and no information lines (chunking, pass summary)")
+    _add_compare_parser(sub)
     return parser
+
+
+def _add_compare_parser(sub: Any) -> None:
+    """``flashmm compare``: the options of :func:`flashmm.compare.run_studies`."""
+    cmp = sub.add_parser("compare", help="compare DE methods on simulated studies with known truth")
+    cmp.add_argument("--per-arm", type=int, nargs="+", default=[6], metavar="N",
+                     help="donors per condition, one design per value (default 6)")
+    cmp.add_argument("--genes", type=int, default=1000, help="genes per study (default 1000)")
+    cmp.add_argument("--cells-per-donor", type=int, default=100, help="cells per donor (default 100)")
+    cmp.add_argument("--celltypes", type=int, default=2, help="cell types (default 2)")
+    cmp.add_argument("--de-fraction", type=float, default=0.1, help="share of DE genes (default 0.1)")
+    cmp.add_argument("--min-beta", type=float, default=0.5, help="smallest |log fold change| (0.5)")
+    cmp.add_argument("--max-beta", type=float, default=1.5, help="largest |log fold change| (1.5)")
+    cmp.add_argument("--donor-variance", type=float, default=0.1,
+                     help="variance of the donor effects, log scale (default 0.1)")
+    cmp.add_argument("--datasets", type=int, default=10, help="datasets per design (default 10)")
+    cmp.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                     help="methods to run (default: all available; see --list-methods)")
+    cmp.add_argument("--list-methods", action="store_true", help="list the methods and exit")
+    cmp.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    cmp.add_argument("--fdr", type=float, default=0.05, help="BH FDR level (default 0.05)")
+    cmp.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    cmp.add_argument("--no-memory", action="store_true", help="do not trace peak memory")
+    cmp.add_argument("--out", help="CSV of the scores, one row per design, dataset and method")
+    cmp.add_argument("--summary-out", metavar="CSV", help="CSV of the scores averaged over datasets")
+    cmp.add_argument("--pvalues-out", metavar="CSV", help="CSV of every gene's p-value")
+    cmp.add_argument("--qq-plot", metavar="PNG", help="calibration QQ plot, one panel per design")
+    cmp.add_argument("--power-plot", metavar="PNG", help="power against FDP, one panel per design")
 
 
 def _add_design_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -386,8 +418,57 @@ def _demo_plot(frame: pd.DataFrame, out_dir: str, alpha: float) -> str | None:
     return path
 
 
+# --------------------------------------------------------------- compare
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    if args.list_methods:
+        print(compare.methods_table().to_string())
+        return 0
+    if not args.out:
+        raise CLIError("--out TABLE.csv is required (or --list-methods).")
+    designs = [compare.SimulationDesign(
+        n_per_arm=n, n_genes=args.genes, cells_per_donor=args.cells_per_donor,
+        n_celltypes=args.celltypes, de_fraction=args.de_fraction, min_beta=args.min_beta,
+        max_beta=args.max_beta, var_random_effects=args.donor_variance) for n in args.per_arm]
+    t0 = time.perf_counter()
+    res = compare.run_studies(designs, args.datasets, args.methods, seed=args.seed,
+                              workers=args.workers, fdr=args.fdr, memory=not args.no_memory)
+    res.table.to_csv(args.out, index=False)
+    summary = res.summary()
+    if args.summary_out:
+        summary.to_csv(args.summary_out, index=False)
+    if args.pvalues_out:
+        res.pvalues.to_csv(args.pvalues_out, index=False)
+    for path, kind in ((args.qq_plot, "qq"), (args.power_plot, "power")):
+        if path:
+            _compare_figure(res, kind, path)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(summary.drop(columns=["label"]).to_string(index=False, float_format="%.4g"))
+    print(f"flashmm: {len(res.table)} method runs in {time.perf_counter() - t0:.1f} s; "
+          f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _compare_figure(res: Any, kind: str, path: str) -> None:
+    """One panel per design: calibration QQ (``kind="qq"``) or power against FDP."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CLIError("plots need matplotlib: pip install 'flashmm[plot]'.") from None
+    from .plot import calibration_qq, power_fdp
+
+    designs = list(dict.fromkeys(res.table["design"]))
+    fig = Figure(figsize=(4.8 * len(designs), 4.5))
+    for ax, design in zip(np.atleast_1d(fig.subplots(1, len(designs))), designs, strict=True):
+        (calibration_qq if kind == "qq" else power_fdp)(res, design=design, ax=ax)
+        ax.set_title(f"{design} donors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 # ------------------------------------------------------------------ main
-_COMMANDS = {"demo": _cmd_demo, "fit": _cmd_fit, "stats": _cmd_stats}
+_COMMANDS = {"demo": _cmd_demo, "fit": _cmd_fit, "stats": _cmd_stats, "compare": _cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -154,7 +154,7 @@ class MultiGeneContrastResults:
     def from_fit(cls, res: Any, names: list[str], L: np.ndarray,
                  q: np.ndarray, alternative: str, df_method: str) -> MultiGeneContrastResults:
         b = res.fe_params.to_numpy()
-        cov = res.cov_params()
+        cov = res.contrast_cov(df_method)
         effect = b @ L.T - q
         var = np.einsum("rp,gpk,rk->gr", L, cov, L)
         df = res.contrast_df(L, df_method)
@@ -296,10 +296,12 @@ def wald_test_matrix(res: Any, L: np.ndarray, q: np.ndarray,
 
     With ``"normal"`` the statistic is chi-square on r df; otherwise F on
     (r, df_denom), where the Satterthwaite denominator df follows lmerTest
-    (Fai and Cornelius: t-df of the decorrelated contrasts combined).
+    (Fai and Cornelius: t-df of the decorrelated contrasts combined) and
+    Kenward-Roger follows pbkrtest's ``KRmodcomp`` (the Wald statistic on the
+    adjusted covariance, its df, and the F scaled by its factor).
     """
     b = res.fe_params.to_numpy()
-    cov = res.cov_params()
+    cov = res.contrast_cov(df_method)
     r = L.shape[0]
     diff = b @ L.T - q
     V = np.einsum("rp,gpk,sk->grs", L, cov, L)
@@ -311,7 +313,10 @@ def wald_test_matrix(res: Any, L: np.ndarray, q: np.ndarray,
         return pd.DataFrame({"statistic": stat, "df_num": r, "df_denom": np.inf,
                              "pvalue": sps.chi2.sf(stat, r)}, index=res.gene_names)
     F = stat / r
-    if df_method == "residual":
+    if df_method == "kenward-roger":
+        dfd, scaling = res.kr_ftest(L)
+        F = scaling * F
+    elif df_method == "residual":
         dfd = np.full(G, float(res.nobs - res.k_fe))
     else:
         dfd = _fai_cornelius_df(res, L, V, ok)

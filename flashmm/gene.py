@@ -122,7 +122,7 @@ class GeneResults:
         ----------
         alpha : float
             Two-sided level ``1 - alpha``.
-        df_method : {"satterthwaite", "residual", "normal"}, optional
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}, optional
             Defaults to the fit's ``df_method``; any method the multi-gene
             results accept.
 
@@ -150,7 +150,7 @@ class GeneResults:
         contrast : array_like, str, list of str or dict
             As :meth:`MultiGeneMixedLMResults.t_test`.
         alternative : {"two-sided", "larger", "smaller"}
-        df_method : {"satterthwaite", "residual", "normal"}, optional
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}, optional
             Defaults to the fit's ``df_method``.
 
         Returns
@@ -259,7 +259,7 @@ class GeneResults:
         k = len(parent.component_names)
         sdf = np.full((p + k, 6), np.nan)
         b = self.fe_params.to_numpy()
-        se = self.bse_fe.to_numpy()
+        se = np.sqrt(np.diagonal(parent.contrast_cov(method)[self._pos]))
         if method == "satterthwaite" and self.df_method == "satterthwaite":
             df = parent.df_terms.iloc[self._pos].to_numpy()
         else:

@@ -243,6 +243,7 @@ def fit_kinship(
     *,
     tol: float = 1e-10,
     maxiter: int = 200,
+    df_method: str = "satterthwaite",
 ) -> MultiGeneMixedLMResults:
     """Fit ``y = X b + g + e``, ``g ~ N(0, s_g K)``, ``e ~ N(0, s I)`` to every phenotype.
 
@@ -270,6 +271,9 @@ def fit_kinship(
         submatrix of those individuals. ``"none"``: NaN is an error.
     tol, maxiter
         Convergence tolerance on ``log(s_g / s)`` and maximum iterations.
+    df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}
+        Default df of the tests (Kenward-Roger: pbkrtest's, computed in the
+        eigenbasis of the kinship, O(n) per phenotype).
 
     Returns
     -------
@@ -307,7 +311,7 @@ def fit_kinship(
             raise DesignError("K given as an array needs unique individual labels (rows of Y).")
         K = pd.DataFrame(arr, index=labels, columns=labels)
     return fit_missing_patterns(Yf, X, labels, K, reml=reml, missing=missing, tol=tol,
-                                maxiter=maxiter)
+                                maxiter=maxiter, df_method=df_method)
 
 
 _TABLES = (
@@ -401,11 +405,25 @@ class MissingPatternResults(MultiGeneMixedLMResults):
             name = self._order[int(name)]
         return self.part_of(str(name)).gene(name)
 
+    def _stack_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Per-part arrays (responses first) in the original response order."""
+        names = [g for p in self.parts for g in p.gene_names]
+        return np.concatenate(arrays)[pd.Index(names).get_indexer(self._order)]
+
     def cov_params(self) -> np.ndarray:
         """Covariance of the fixed effects, array (responses, p, p)."""
-        arr = np.concatenate([p.cov_params() for p in self.parts])
-        names = [g for p in self.parts for g in p.gene_names]
-        return arr[pd.Index(names).get_indexer(self._order)]
+        return self._stack_arrays([p.cov_params() for p in self.parts])
+
+    def cov_params_kr(self, gene: str | int | None = None) -> np.ndarray | pd.DataFrame:
+        """Kenward-Roger's adjusted covariance (see the base class), pattern by pattern."""
+        if gene is not None:
+            name = self._order[int(gene)] if isinstance(gene, (int, np.integer)) else str(gene)
+            return self.part_of(name).cov_params_kr(name)
+        return self._stack_arrays([p.cov_params_kr() for p in self.parts])
+
+    def contrast_cov(self, df_method: str | None = None) -> np.ndarray:
+        """Covariance of the fixed effects the tests with ``df_method`` use (see the base class)."""
+        return self._stack_arrays([p.contrast_cov(df_method) for p in self.parts])
 
     def conf_int(self, alpha: float = 0.05, df_method: str | None = None) -> pd.DataFrame:
         """Confidence intervals of the fixed effects, one tidy row per response and term."""
@@ -445,6 +463,7 @@ class MissingPatternResults(MultiGeneMixedLMResults):
         )
 
     t_test = wald_test = f_test = compare_lr_test = contrast_df = contrast_df_rows = _unsupported
+    kr_ftest = _unsupported
     anova = ls_means = _unsupported
     summary = summary_frame = _unsupported
 

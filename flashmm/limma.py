@@ -41,6 +41,7 @@ from ._limma_core import (
     ones_coefficients,
     tmixture,
 )
+from ._weighted_stats import check_weights
 
 __all__ = ["LimmaFit", "DuplicateCorrelation", "lm_fit", "duplicate_correlation", "e_bayes"]
 
@@ -300,11 +301,13 @@ def _weights(weights: Any, n: int, G: int) -> tuple[np.ndarray | None, np.ndarra
     """(array weights (n,), gene weights (n, G)); at most one is not None.
 
     1-d weights of length n_samples are array weights; 2-d weights are
-    genes x samples (pylimma's orientation, also for AnnData input).
+    genes x samples (pylimma's orientation, also for AnnData input).  Zero,
+    negative or non-finite weights are an error that counts them.
     """
     if weights is None:
         return None, None
     w = np.asarray(weights, dtype=float)
+    check_weights(w)
     if w.ndim == 1 and w.size == n:
         return w, None
     if w.ndim == 2 and w.shape == (1, n):
@@ -378,8 +381,11 @@ def lm_fit(
         Length n_samples: array weights (one per sample), folded into the shared
         statistics.  Shape (n_genes, n_samples): gene-specific weights; these
         break the shared statistics and use a chunked per-gene path
-        (O(n p^2) per gene instead of O(n p), noticeably slower).  Zero,
-        negative or non-finite weights drop the sample (for that gene), as limma.
+        (O(n p^2) per gene instead of O(n p), noticeably slower).  Weights
+        must be positive and finite: zero, negative or NaN weights raise a
+        :class:`~flashmm.DataError` that counts them (limma instead drops
+        those observations; here set the expression to NaN to leave an
+        observation out).
     layer : str, optional
         AnnData layer to use instead of ``X``.
     key : str
@@ -468,6 +474,7 @@ def duplicate_correlation(
     layer: str | None = None,
     design_data: pd.DataFrame | None = None,
     allow_negative: bool = True,
+    method: str | None = None,
 ) -> DuplicateCorrelation:
     """Consensus within-block correlation across genes (limma's ``duplicateCorrelation``).
 
@@ -490,8 +497,9 @@ def duplicate_correlation(
         Array weights (length n_samples) or gene-specific weights (n_genes x
         n_samples, e.g. from :func:`~flashmm.voom`; a
         :class:`~flashmm.VoomResult` brings its own), applied to ``X`` and
-        ``y`` but not to ``Z`` (as statmod's ``mixedModel2Fit``).  Gene-specific
-        weights must be positive; missing values are not supported.
+        ``y`` but not to ``Z`` (as statmod's ``mixedModel2Fit``).  Weights must
+        be positive and finite (else a :class:`~flashmm.DataError` counting
+        them); missing values are not supported.
     allow_negative : bool
         ``True`` (default, as limma): unconstrained REML (FLASHMM's Fisher
         scoring, ``fit(allow_negative_variance=True)``), so a gene can have a
@@ -499,6 +507,16 @@ def duplicate_correlation(
         ``MultiGeneMixedLM.fit()`` (block variance >= 0, per-gene correlation
         >= 0), which biases the consensus upwards when the true correlation
         is small.
+
+    method : {None, "statmod", "reml"}
+        How the per-gene variance components are estimated.  ``"statmod"``:
+        limma's own computation, statmod's ``mixedModel2Fit`` (a gamma GLM
+        on the rotated residuals) stopped after 20 iterations, reproduced step
+        by step (per-gene rotations, O(n^3) per gene); ``"reml"``: the REML
+        maximum (flashmm's fit from shared statistics, or with gene-specific
+        weights a per-gene maximisation).  ``None`` (default): ``"statmod"``
+        with gene-specific weights (the voom workflow, where limma's stopping
+        point matters at 1e-6), ``"reml"`` otherwise.
 
     Returns
     -------
@@ -518,13 +536,14 @@ def duplicate_correlation(
 
     Gene-specific weights break the shared statistics: every gene then gets
     its own residual-space rotation (batched QR and eigendecomposition over
-    chunks of genes, O(n^3) per gene) and its profile REML is maximised over
-    the correlation in limma's clipping interval by a grid and golden
-    sections (``allow_negative`` does not apply; ``ratios`` are ``rho / (1 - rho)``).
-    statmod stops its gamma GLM after 20 iterations at a relative tolerance
-    of 1e-6, so per-gene correlations can differ from limma's by a few 1e-3 on
-    the atanh scale (flashmm's have the higher REML likelihood); the
-    consensus agrees to about 1e-5.
+    chunks of genes, O(n^3) per gene; ``allow_negative`` does not apply;
+    ``ratios`` are ``rho / (1 - rho)``).  statmod stops its gamma GLM after 20
+    iterations, and its variance floor moves its stopping point, so the REML
+    maximum (``method="reml"``) differs from limma's per-gene correlations by a
+    few 1e-3 on the atanh scale (with the higher REML likelihood) and the
+    consensus by about 2e-6; ``method="statmod"`` (the default here) gives
+    limma's per-gene values to about 1e-9 and the consensus to 1e-10 on the
+    voom reference (``tests/reference/voom``).
     """
     from ._design import RandomComponent
     from .model import MultiGeneMixedLM
@@ -559,11 +578,14 @@ def duplicate_correlation(
     p = X.shape[1]
     if n <= p + 2 or Z.shape[1] >= n - 1:
         return DuplicateCorrelation(0.0, 0.0, nan.copy(), nan)
-    if W is not None:
-        return _dupcor_gene_weights(Y, X, Z, W, int(sizes.max()), trim)
+    method = ("statmod" if W is not None else "reml") if method is None else method
+    if method not in ("statmod", "reml"):
+        raise ValueError(f"method must be None, 'statmod' or 'reml', got {method!r}.")
+    if W is not None or method == "statmod":
+        if W is None:
+            W = np.broadcast_to((np.ones(n) if w_arr is None else w_arr)[:, None], (n, G))
+        return _dupcor_gene_weights(Y, X, Z, W, int(sizes.max()), trim, method)
     sw = np.ones(n) if w_arr is None else np.sqrt(w_arr)
-    if not np.all(np.isfinite(sw) & (sw > 0)):
-        raise DataError("array weights must be positive and finite.")
     c = ones_coefficients(X)
     shift = Y.mean(axis=0) if c is not None else np.zeros(G)
     Xw, Yw = X * sw[:, None], (Y - shift) * sw[:, None]
@@ -586,13 +608,9 @@ def duplicate_correlation(
 
 
 def _dupcor_gene_weights(Y: np.ndarray, X: np.ndarray, Z: np.ndarray, W: np.ndarray,
-                         max_size: int, trim: float) -> DuplicateCorrelation:
-    """duplicate_correlation with gene-specific weights (W: n x G), per-gene REML."""
-    if not np.all(np.isfinite(W) & (W > 0)):
-        raise DataError("gene-specific weights must be positive and finite in "
-                        "duplicate_correlation (limma drops the samples with zero weight; "
-                        "that is not supported here).")
-    rho = block_correlation_per_gene(Y, X, Z, W, 1.0 / (1.0 - max_size) + 0.01, 0.99)
+                         max_size: int, trim: float, method: str) -> DuplicateCorrelation:
+    """duplicate_correlation with per-gene rotations (W: n x G), statmod's or REML."""
+    rho = block_correlation_per_gene(Y, X, Z, W, 1.0 / (1.0 - max_size) + 0.01, 0.99, method)
     arho = np.arctanh(rho)
     ok = np.isfinite(arho)
     cons = float(np.tanh(sps.trim_mean(arho[ok], trim))) if ok.any() else 0.0

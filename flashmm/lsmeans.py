@@ -18,7 +18,6 @@ import pandas as pd
 
 from ._errors import TermError
 from ._terms import Term, TermStructure, structure_of
-from .anova import check_df_method
 from .contrasts import bh_adjust, t_quantile, two_sided_p
 
 __all__ = ["ls_means_table", "lsmeans_contrasts", "pairwise_contrasts"]
@@ -102,7 +101,7 @@ def ls_means_table(res: Any, term: str | list[str], pairwise: bool = False, alph
         Differences of the means instead of the means.
     alpha : float
         Confidence intervals at level ``1 - alpha``.
-    df_method : {"satterthwaite", "residual", "normal"}, optional
+    df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}, optional
         Defaults to the fit's ``df_method``.
 
     Returns
@@ -110,7 +109,7 @@ def ls_means_table(res: Any, term: str | list[str], pairwise: bool = False, alph
     DataFrame
         See :meth:`flashmm.MultiGeneMixedLMResults.ls_means`.
     """
-    method = check_df_method(res.df_method if df_method is None else df_method)
+    method = res._check_df_method(df_method)
     st = structure_of(res.stats.info)
     names = [term] if isinstance(term, str) else list(term)
     if not names:
@@ -126,7 +125,7 @@ def _one_term(res: Any, st: TermStructure, name: str, pairwise: bool, alpha: flo
         labels, L = pairwise_contrasts(labels, L)
     b = res.fe_params.to_numpy()
     est = b @ L.T
-    se = np.sqrt(np.einsum("rp,gpk,rk->gr", L, res.cov_params(), L))
+    se = np.sqrt(np.einsum("rp,gpk,rk->gr", L, res.contrast_cov(method), L))
     df = res.contrast_df(L, method)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = est / se

@@ -23,6 +23,7 @@ from ._design import (
     report_dropped,
     take_rows,
 )
+from ._df_method import check_df_method
 from ._endog import (
     DEFAULT_CHUNK_CELLS,
     Transform,
@@ -39,7 +40,16 @@ from .stats import SufficientStats
 
 __all__ = ["MultiGeneMixedLM"]
 
-_DF_METHODS = ("satterthwaite", "residual", "normal")
+
+
+def _rows_of_weights(weights: Any, keep: np.ndarray) -> Any:
+    """The weights of the kept cells (``missing="drop"``); vectors and matrices alike."""
+    if weights is None:
+        return None
+    if hasattr(weights, "E") and hasattr(weights, "weights"):     # VoomResult: genes x samples
+        return np.asarray(weights.weights, dtype=float).T[keep]
+    w = np.asarray(weights.to_numpy() if hasattr(weights, "to_numpy") else weights, dtype=float)
+    return w[keep]
 
 
 class MultiGeneMixedLM:
@@ -94,6 +104,17 @@ class MultiGeneMixedLM:
         (DataFrame indexed and columned by the labels, or an array in sorted
         label order): group intercepts ``u ~ N(0, s_g K)``. See
         :mod:`flashmm.kinship` and ``docs/kinship.rst``.
+    weights : array_like, DataFrame or VoomResult, optional
+        Precision weights per observation and gene, shape (n_cells, n_genes)
+        (the orientation of ``endog``), or one per observation (length
+        n_cells), or a :class:`~flashmm.VoomResult` (its ``weights``, genes x
+        samples, are transposed).  lme4's ``lmer(..., weights = w)``: the
+        residual variance of observation ``i`` is ``scale / w_i``; the
+        log-likelihood is lme4's (it includes ``sum(log w) / 2``).  Weights
+        must be positive and finite (else a :class:`~flashmm.DataError` that
+        counts them).  Per-gene weights give every gene its own statistics
+        (see ``docs/guide/weights.rst`` for the memory and time this costs);
+        variance components only (no ``exog_re`` / ``group_cov``).
 
     Examples
     --------
@@ -124,6 +145,7 @@ class MultiGeneMixedLM:
         missing: str = "none",
         make_unique: bool = False,
         group_cov: Any = None,
+        weights: Any = None,
     ) -> None:
         check_missing_option(missing)
         n, _ = endog_shape(endog)
@@ -142,6 +164,7 @@ class MultiGeneMixedLM:
                 groups = None if groups is None else take_rows(groups, keep)
                 exog_vc = {k: take_rows(v, keep) for k, v in (exog_vc or {}).items()} or None
                 exog_re = None if exog_re is None else take_rows(exog_re, keep)
+                weights = _rows_of_weights(weights, keep)
                 n = keep.size
         design = build_design(exog, n, groups=groups, exog_vc=exog_vc, exog_names=exog_names,
                               exog_re=exog_re, independent_re=independent_re,
@@ -153,12 +176,31 @@ class MultiGeneMixedLM:
         stats.info["n_dropped"] = n_dropped
         self._init_from(stats, design)
         self.n_dropped = n_dropped
+        self._add_weights(weights, endog, transform, chunk_size)
 
     def _init_from(self, stats: SufficientStats, design: Design | None) -> None:
         self.stats = stats
         self.design = design
         #: formula models: what builds the designs of new cells (see flashmm.predict)
         self.formula_spec = None if design is None else design.formula_spec
+        #: per-gene weighted statistics when the model has ``weights=`` (else None)
+        self.weighted = None
+
+    def _add_weights(self, weights: Any, endog: Any, transform: Transform,
+                     chunk_size: int) -> None:
+        """Build the per-gene weighted statistics (``weights=``); see :mod:`flashmm._weighted_stats`."""
+        if weights is None:
+            return
+        from ._weighted_stats import WeightedStats, weights_array
+
+        if SLOPES_KEY in self.stats.info or any(c.cov_factor is not None
+                                                 for c in self.stats.components):
+            raise DesignError("weights= is available for variance components (random "
+                              "intercepts, nested or crossed), not with random slopes "
+                              "(exog_re / re_formula) or a known covariance (group_cov).")
+        w = weights_array(weights, self.stats.n, self.stats.n_genes)
+        self.weighted = WeightedStats.from_design(self.design, endog, w, self.stats.gene_names,
+                                                  transform, chunk_size)
 
     # ------------------------------------------------------------ builders
     @classmethod
@@ -188,6 +230,7 @@ class MultiGeneMixedLM:
         missing: str = "none",
         make_unique: bool = False,
         group_cov: Any = None,
+        weights: Any = None,
     ) -> MultiGeneMixedLM:
         """Build the model from a one-sided patsy formula for the fixed effects.
 
@@ -233,6 +276,10 @@ class MultiGeneMixedLM:
             (DataFrame indexed and columned by the labels, or an array in sorted
             label order): group intercepts ``u ~ N(0, s_g K)``. See
             :mod:`flashmm.kinship` and ``docs/kinship.rst``.
+        weights : array_like, DataFrame or VoomResult, optional
+            Precision weights, cells x genes (or one per cell, or a
+            :class:`~flashmm.VoomResult`), as in :class:`MultiGeneMixedLM`:
+            lme4's ``lmer(..., weights = w)``.
         """
         from ._anndata import anndata_inputs, is_anndata, open_anndata
 
@@ -242,7 +289,7 @@ class MultiGeneMixedLM:
                     formula, adata, endog=endog, groups=groups, vc_formula=vc_formula,
                     re_formula=re_formula, transform=transform, independent_re=independent_re,
                     gene_names=gene_names, chunk_size=chunk_size, layer=layer, missing=missing,
-                    make_unique=make_unique, group_cov=group_cov,
+                    make_unique=make_unique, group_cov=group_cov, weights=weights,
                 )
         if is_anndata(data):
             if endog is not None:
@@ -265,6 +312,7 @@ class MultiGeneMixedLM:
                 keep = report_dropped(bad)
                 data, endog = data.iloc[keep], take_cells(endog, keep)
                 groups = groups if groups is None or isinstance(groups, str) else take_rows(groups, keep)
+                weights = _rows_of_weights(weights, keep)
         design = build_formula_design(formula, data, groups=groups, vc_formula=vc_formula,
                                       re_formula=re_formula, independent_re=independent_re,
                                       group_cov=group_cov)
@@ -276,6 +324,7 @@ class MultiGeneMixedLM:
         model = cls.__new__(cls)
         model._init_from(stats, design)
         model.n_dropped = n_dropped
+        model._add_weights(weights, endog, transform, chunk_size)
         return model
 
     # ---------------------------------------------------------------- info
@@ -328,8 +377,12 @@ class MultiGeneMixedLM:
         allow_negative_variance : bool
             Reproduce R FLASHMM's unconstrained Fisher-scoring estimates
             (variances may be negative).
-        df_method : {"satterthwaite", "residual", "normal"}
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}
             Default reference distribution of the tests (overridable per test).
+            Kenward-Roger (pbkrtest's, as lmerTest's ``ddf="Kenward-Roger"``)
+            also adjusts the covariance of the fixed effects the tests use
+            (:meth:`~flashmm.MultiGeneMixedLMResults.cov_params_kr`); it
+            needs ``reml=True``.
         n_jobs : int, optional
             Threads for the structured engine (several components, random
             slopes); default: the number of cores.
@@ -342,10 +395,19 @@ class MultiGeneMixedLM:
         Returns
         -------
         MultiGeneMixedLMResults
+            A :class:`~flashmm.WeightedMixedLMResults` for a model with
+            ``weights=`` (fitted from per-gene weighted statistics in gene
+            chunks sized by ``max_memory``; ``n_jobs`` does not apply).
         """
-        if df_method not in _DF_METHODS:
-            raise ValueError(f"df_method must be one of {_DF_METHODS}, got {df_method!r}.")
+        df_method = check_df_method(df_method, reml)
         start = None if start_params is None else np.asarray(start_params, dtype=float)
+        if self.weighted is not None:
+            if allow_negative_variance:
+                raise DesignError("allow_negative_variance=True is not available with weights=.")
+            from ._weighted_results import fit_weighted
+
+            return fit_weighted(self, reml=reml, start_params=start, maxiter=maxiter, tol=tol,
+                                df_method=df_method, max_memory=max_memory)
         structured = SLOPES_KEY in self.stats.info or len(self.stats.components) > 1
         if structured and not allow_negative_variance:   # block engine: see _structure.py
             from ._slopes import fit_structured

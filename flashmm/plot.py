@@ -1,4 +1,4 @@
-"""Diagnostic plots: volcano and p-value QQ plots (matplotlib, an optional extra).
+"""Diagnostic plots: volcano and p-value QQ plots, method-comparison plots (matplotlib, optional).
 
 matplotlib is imported inside the functions, so ``import flashmm.plot`` works
 without it; calling a plot function without matplotlib raises ImportError.
@@ -16,7 +16,7 @@ from .contrasts import MultiGeneContrastResults
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["volcano", "qq"]
+__all__ = ["volcano", "qq", "calibration_qq", "power_fdp"]
 
 
 def _pyplot() -> Any:
@@ -154,4 +154,165 @@ def qq(pvalues: Any, ax: Axes | None = None, **scatter_kws: Any) -> Axes:
     ax.plot([0, top], [0, top], color="0.5", lw=0.8)
     ax.set_xlabel(r"expected $-\log_{10}(p)$")
     ax.set_ylabel(r"observed $-\log_{10}(p)$")
+    return ax
+
+
+# ------------------------------------------------------- method comparisons
+def _one_design(frame: pd.DataFrame, design: str | None, what: str) -> pd.DataFrame:
+    """The rows of one design (``design=None``: the only one there is)."""
+    designs = list(dict.fromkeys(frame["design"])) if "design" in frame.columns else []
+    if design is None:
+        if len(designs) > 1:
+            raise ValueError(f"{what} has several designs {designs}; choose one with design=.")
+        return frame
+    if design not in designs:
+        raise ValueError(f"design {design!r} is not in the {what}; it has {designs}.")
+    return frame[frame["design"] == design]
+
+
+def _method_labels(frame: pd.DataFrame, methods: Any) -> list[tuple[str, str]]:
+    """(method, label) pairs in table order, restricted to ``methods`` if given."""
+    labels = frame.groupby("method", sort=False)["label"].first() if "label" in frame.columns \
+        else pd.Series(frame["method"].unique(), index=frame["method"].unique())
+    if methods is not None:
+        unknown = sorted(set(methods) - set(labels.index))
+        if unknown:
+            raise ValueError(f"method(s) {unknown} are not in the results; they have "
+                             f"{list(labels.index)}.")
+        labels = labels.loc[list(methods)]
+    return list(labels.items())
+
+
+def calibration_qq(comparison: Any, design: str | None = None, methods: Any = None,
+                   ax: Axes | None = None, band: float = 0.95, ymax: float | None = None,
+                   **scatter_kws: Any) -> Axes:
+    """Calibration QQ plot: observed against expected ``-log10(p)`` of the null genes, per method.
+
+    Parameters
+    ----------
+    comparison : flashmm.compare.Comparison or DataFrame
+        A comparison, or its tidy ``pvalues`` table (columns ``method``,
+        ``pvalue``, ``is_de`` and optionally ``design``, ``label``).
+    design : str, optional
+        Which design to plot (needed when there are several).
+    methods : list of str, optional
+        Methods to draw (default: all, in table order).
+    ax : matplotlib Axes, optional
+        Axes to draw on (default: a new figure).
+    band : float
+        Pointwise probability band of uniform order statistics (Beta
+        quantiles) drawn in grey around the identity; 0 draws none.
+    ymax : float, optional
+        Upper limit of the observed axis.  Default: twice the largest expected
+        value, so that a badly calibrated method does not flatten the others
+        (its points leave the axes); ``numpy.inf`` shows every point.
+    **scatter_kws
+        Passed to ``ax.scatter``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        One point collection per method (null genes pooled over the datasets),
+        the identity line and the band.
+    """
+    from scipy import stats as sps
+
+    plt = _pyplot()
+    frame = getattr(comparison, "pvalues", comparison)
+    if not isinstance(frame, pd.DataFrame) or not {"method", "pvalue", "is_de"} <= set(frame):
+        raise TypeError("calibration_qq expects a flashmm.compare.Comparison or its pvalues table "
+                        "(columns method, pvalue, is_de).")
+    frame = _one_design(frame, design, "p-value table")
+    null = frame[~frame["is_de"].to_numpy(dtype=bool)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.8, 4.5))
+    top = 1.0
+    kws = {"s": 5, "linewidths": 0} | scatter_kws
+    band_drawn = not band
+    for method, label in _method_labels(frame, methods):
+        p = null.loc[null["method"] == method, "pvalue"].to_numpy(dtype=float)
+        p = np.sort(p[np.isfinite(p)])
+        n = p.size
+        if n == 0:
+            continue
+        expected = -np.log10((np.arange(1, n + 1) - 0.5) / n)
+        ax.scatter(expected, -np.log10(np.clip(p, np.finfo(float).tiny, 1.0)), label=label, **kws)
+        top = max(top, float(expected[0]))
+        if not band_drawn:          # one band, for the first method's number of null genes
+            i = np.arange(1, n + 1)
+            lo = sps.beta.ppf((1 - band) / 2, i, n - i + 1)
+            hi = sps.beta.ppf((1 + band) / 2, i, n - i + 1)
+            ax.fill_between(expected, -np.log10(hi), -np.log10(lo), color="0.85", zorder=0, lw=0)
+            band_drawn = True
+    ax.plot([0, top], [0, top], color="0.4", lw=0.8, zorder=1)
+    ymax = 2.0 * top if ymax is None else ymax
+    if np.isfinite(ymax):
+        ax.set_ylim(0, ymax)
+    ax.set_xlabel(r"expected $-\log_{10}(p)$")
+    ax.set_ylabel(r"observed $-\log_{10}(p)$, null tests")
+    ax.legend(loc="upper left", fontsize=7, frameon=False, markerscale=2)
+    return ax
+
+
+def power_fdp(comparison: Any, design: str | None = None, methods: Any = None,
+              ax: Axes | None = None, fdr: float | None = None, fdp_max: float | None = None,
+              **plot_kws: Any) -> Axes:
+    """Power against observed false discovery proportion, per method (mean over datasets).
+
+    Parameters
+    ----------
+    comparison : flashmm.compare.Comparison or DataFrame
+        A comparison (its :meth:`~flashmm.compare.Comparison.power_fdp_curve`
+        is drawn, and its table's power and FDP at the BH level as markers), or
+        a curve table with columns ``method, fdp, power`` (and optionally
+        ``design``, ``label``).
+    design : str, optional
+        Which design to plot (needed when there are several).
+    methods : list of str, optional
+        Methods to draw (default: all).
+    ax : matplotlib Axes, optional
+        Axes to draw on (default: a new figure).
+    fdr : float, optional
+        Draw a dotted vertical line at this FDP (default: the comparison's FDR).
+    fdp_max : float, optional
+        Right end of the FDP axis.  Default: 0.3, or past the largest marker.
+    **plot_kws
+        Passed to ``ax.plot``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        One line per method; with a Comparison one marker per method at the
+        mean (FDP, power) of its Benjamini-Hochberg discoveries.
+    """
+    plt = _pyplot()
+    table = None
+    if hasattr(comparison, "power_fdp_curve"):
+        curve = comparison.power_fdp_curve()
+        table = _one_design(comparison.table, design, "comparison table")
+        if fdr is None:
+            fdr = getattr(comparison, "settings", {}).get("fdr")
+    elif isinstance(comparison, pd.DataFrame) and {"method", "fdp", "power"} <= set(comparison):
+        curve = comparison
+    else:
+        raise TypeError("power_fdp expects a flashmm.compare.Comparison or a curve table "
+                        "(columns method, fdp, power).")
+    curve = _one_design(curve, design, "curve table")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.8, 4.5))
+    for method, label in _method_labels(curve, methods):
+        part = curve[curve["method"] == method]
+        (line,) = ax.plot(part["fdp"], part["power"], label=label, **({"lw": 1.4} | plot_kws))
+        if table is not None:
+            rows = table[table["method"] == method]
+            ax.plot(rows["fdp"].mean(), rows["power"].mean(), "o", color=line.get_color(), ms=5)
+    if fdr:
+        ax.axvline(fdr, color="0.5", ls=":", lw=0.8)
+    ax.set_xlabel("observed false discovery proportion")
+    ax.set_ylabel("power")
+    if fdp_max is None:
+        fdp_max = 0.3 if table is None or table.empty else min(1.0, max(0.3, 1.1 * table["fdp"].max()))
+    ax.set_xlim(0, fdp_max)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right", fontsize=7, frameon=False)
     return ax

@@ -9,6 +9,7 @@ groups x genes result).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,12 +67,34 @@ def _constant_columns(obs: pd.DataFrame, codes: np.ndarray, keep: np.ndarray,
     return out
 
 
+def _check_count_block(block: Any, start: int, gene_names: list[str]) -> None:
+    """Refuse negative or fractional values in a chunk of cells (counts expected)."""
+    values = block.data if sp.issparse(block) else np.asarray(block)
+    neg = values < 0
+    frac = values != np.round(values)
+    for bad, what in ((neg, "negative"), (frac, "non-integer")):
+        if bad.any():
+            dense_bad = (sp.csr_matrix((bad.astype(float), block.indices, block.indptr),
+                                       shape=block.shape).toarray() > 0
+                         if sp.issparse(block) else bad)
+            cell, gene = np.argwhere(dense_bad)[0]
+            raise DataError(
+                f"pseudobulk sums counts, but {int(bad.sum())} values of cells {start}-"
+                f"{start + block.shape[0] - 1} are {what} (first: cell {start + cell}, gene "
+                f"{gene_names[gene]!r}). Pass raw counts (e.g. layer='counts'), or "
+                "allow_non_integer=True to sum other values (normalised or estimated counts)."
+            )
+
+
 def _group_sums(matrix: Any, codes: np.ndarray, n_groups: int, n_genes: int,
-                chunk_size: int, gene_names: list[str]) -> np.ndarray | sp.csr_matrix:
+                chunk_size: int, gene_names: list[str],
+                allow_non_integer: bool = False) -> np.ndarray | sp.csr_matrix:
     """Groups x genes sums in one chunked pass; cells with a negative code are left out."""
     total: np.ndarray | sp.csr_matrix | None = None
     for start, stop, block in iter_chunks(prepare_endog(matrix), chunk_size,
                                           gene_names=gene_names):
+        if not allow_non_integer:
+            _check_count_block(block, start, gene_names)
         c = codes[start:stop]
         cells = np.flatnonzero(c >= 0)
         S = sp.csr_matrix((np.ones(cells.size), (c[cells], cells)), shape=(n_groups, stop - start))
@@ -85,6 +108,24 @@ def _group_sums(matrix: Any, codes: np.ndarray, n_groups: int, n_genes: int,
     if total is None:
         return np.zeros((n_groups, n_genes))
     return sp.csr_matrix(total) if sp.issparse(total) else total
+
+
+def _warn_empty_groups(obs: pd.DataFrame, cols: list[str], n_observed: int) -> None:
+    """Warn about the combinations of categories that have no cells (they are dropped).
+
+    As pandas' ``groupby(observed=False)``, categorical ``by`` columns define their
+    groups by their categories, so a combination without cells is a group with
+    zero cells; other columns only have the values that occur.
+    """
+    if not any(isinstance(obs[c].dtype, pd.CategoricalDtype) for c in cols):
+        return
+    sizes = [len(obs[c].cat.categories) if isinstance(obs[c].dtype, pd.CategoricalDtype)
+             else obs[c].nunique() for c in cols]
+    n_all = int(np.prod(sizes, dtype=np.float64))
+    if n_all > n_observed:
+        warnings.warn(f"{n_all - n_observed} of the {n_all} combinations of the categories of "
+                      f"{cols} have no cells; these groups are dropped.", UserWarning,
+                      stacklevel=3)
 
 
 def _group_obs(obs: pd.DataFrame, cols: list[str], first: np.ndarray, n_cells: np.ndarray,
@@ -107,6 +148,7 @@ def pseudobulk(
     min_cells: int = 1,
     *,
     chunk_size: int = DEFAULT_CHUNK_CELLS,
+    allow_non_integer: bool = False,
 ) -> Any:
     """Sum the counts of the cells of each group (pseudobulk samples).
 
@@ -124,6 +166,9 @@ def pseudobulk(
         Groups with fewer cells are dropped.
     chunk_size : int
         Cells read per chunk.
+    allow_non_integer : bool
+        Sum values that are not counts (negative or fractional).  By default
+        they are an error: pseudobulk methods (voom, edgeR) expect raw counts.
 
     Returns
     -------
@@ -139,7 +184,16 @@ def pseudobulk(
     ------
     DataError
         A ``by`` column missing from ``obs`` or with missing labels, a
-        non-finite value in the matrix, or no group with ``min_cells`` cells.
+        non-finite value in the matrix, a negative or fractional value
+        (unless ``allow_non_integer=True``), or no group with ``min_cells``
+        cells.
+
+    Warns
+    -----
+    UserWarning
+        When categorical ``by`` columns have combinations of categories with
+        no cells (groups with zero cells, as pandas' ``observed=False`` defines
+        them): they are dropped, and the warning says how many.
 
     Examples
     --------
@@ -164,7 +218,9 @@ def pseudobulk(
         raise DataError(f"no group has at least min_cells={min_cells} cells "
                         f"(largest: {int(n_cells.max())}).")
     new_code = np.where(keep, np.cumsum(keep) - 1, -1)
-    sums = _group_sums(matrix, new_code[codes], int(keep.sum()), len(genes), chunk_size, genes)
+    _warn_empty_groups(obs, cols, first.size)
+    sums = _group_sums(matrix, new_code[codes], int(keep.sum()), len(genes), chunk_size, genes,
+                       allow_non_integer)
     constant = _constant_columns(obs, codes, keep, cols)
     table = _group_obs(obs, cols, first[keep], n_cells[keep], constant)
     var = pd.DataFrame(adata.var).copy()

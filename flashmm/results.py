@@ -13,10 +13,21 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from ._df_method import KENWARD_ROGER, check_df_method
 from ._engine import STATUS_OK, EngineFit
+from ._fit_theta import over_gene_parts
 from ._gls import GLSEstimates, condvar_levels, gls_estimates
-from ._reduce import Reduced, reduce_stats
+from ._kenward_roger import (
+    KRDesign,
+    KRPieces,
+    kr_contrast_df,
+    kr_df,
+    kr_n_parameters,
+    kr_pieces,
+)
+from ._reduce import Reduced, reduce_stats, symmetric_eigh
 from ._satterthwaite import information_gs, satterthwaite_df
+from ._structure import analyse_structure
 from .contrasts import (
     MultiGeneContrastResults,
     build_contrasts,
@@ -45,8 +56,8 @@ class MultiGeneMixedLMResults:
     def __init__(self, model: Any, fit: EngineFit, df_method: str = "satterthwaite") -> None:
         self.model = model
         self._fit = fit
-        self.df_method = df_method
         self.reml = fit.reml
+        self.df_method = check_df_method(df_method, fit.reml)
         self.method = "REML" if fit.reml else "ML"
         self.optimizer = fit.method
 
@@ -298,12 +309,7 @@ class MultiGeneMixedLMResults:
         return self._series(np.full(self.n_genes, float(self.nobs - self.k_fe)), "df_resid")
 
     def _check_df_method(self, df_method: str | None) -> str:
-        method = self.df_method if df_method is None else df_method
-        if method not in ("satterthwaite", "residual", "normal"):
-            raise ValueError(
-                f"df_method must be 'satterthwaite', 'residual' or 'normal', got {method!r}."
-            )
-        return method
+        return check_df_method(self.df_method if df_method is None else df_method, self.reml)
 
     def contrast_df(self, L: np.ndarray, df_method: str | None = None) -> np.ndarray:
         """Denominator df of every contrast row of ``L`` (genes x rows)."""
@@ -313,27 +319,112 @@ class MultiGeneMixedLMResults:
             return np.full((G, r), np.inf)
         if method == "residual":
             return np.full((G, r), float(self.nobs - self.k_fe))
+        if method == KENWARD_ROGER:
+            return kr_contrast_df(self._kr, L)
         return self._satterthwaite(L)
+
+    def contrast_cov(self, df_method: str | None = None) -> np.ndarray:
+        """Covariance of the fixed effects that tests with ``df_method`` use, (genes, p, p).
+
+        Kenward-Roger's adjusted covariance (:meth:`cov_params_kr`) for
+        ``"kenward-roger"``, as lmerTest; :meth:`cov_params` otherwise.
+        """
+        if self._check_df_method(df_method) == KENWARD_ROGER:
+            return self.cov_params_kr()
+        return self.cov_params()
 
     def contrast_df_rows(self, L: np.ndarray) -> np.ndarray:
         """Satterthwaite df for gene-specific contrast rows ``L`` (genes, r, p)."""
         return self._satterthwaite(L)
+
+    @cached_property
+    def _eig_ZZ(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Eigen-decomposition of the shared ``Z'Z`` (one component), for every df request."""
+        return symmetric_eigh(self.stats.ZZ) if len(self.component_names) == 1 else None
 
     def _satterthwaite(self, L: np.ndarray) -> np.ndarray:
         top = np.any(np.isinf(self._fit.ratios), axis=1)
         red, unit, _ = self._unit_scale
         if not top.any():
             return satterthwaite_df(self.stats, red, self._fit.ratios, unit,
-                                    self._gls.cov_unscaled, L, self.reml, info=self._info)
+                                    self._gls.cov_unscaled, L, self.reml, info=self._info,
+                                    eig_ZZ=self._eig_ZZ)
         # h2 = 1 (residual variance 0): Cov(b) is proportional to the one remaining
         # variance, estimated on n - p (REML) degrees of freedom: df = n - p
         ratios = np.where(top[:, None], 0.0, self._fit.ratios)
         scale = np.where(top, 1.0, unit)
         with np.errstate(all="ignore"):
-            df = satterthwaite_df(self.stats, red, ratios, scale,
-                                  self._gls.cov_unscaled, L, self.reml, info=self._info)
+            df = satterthwaite_df(self.stats, red, ratios, scale, self._gls.cov_unscaled, L,
+                                  self.reml, info=self._info, eig_ZZ=self._eig_ZZ)
         df[top] = float(self.nobs - self.k_fe)
         return df
+
+    # ------------------------------------------------------ Kenward-Roger
+    def _kr_parameters(self) -> tuple[KRDesign, np.ndarray, bool]:
+        """The design in block layout, lme4's ``theta`` per gene, and whether slopes are
+        independent, for Kenward-Roger.
+
+        The ratio engine's components are variance components: ``theta`` is the
+        square root of each ratio (NaN where a ratio is negative: FLASHMM's
+        unconstrained fits have no Kenward-Roger adjustment).  One component is
+        taken in the eigenbasis of ``Z'Z`` (:meth:`KRDesign.one_component`).
+        """
+        stats = self.stats
+        with np.errstate(invalid="ignore"):
+            theta = np.sqrt(self._fit.ratios)
+        if len(stats.components) == 1:
+            return KRDesign.one_component(stats.ZZ, stats.ZX, stats.XX, stats.n), theta, False
+        st = analyse_structure(stats.components, stats.ZZ)
+        return (KRDesign.of(st, stats.ZZ, stats.ZX, stats.XX, stats.n), theta[:, st.vc_components],
+                False)
+
+    @cached_property
+    def _kr(self) -> KRPieces:
+        """Kenward-Roger pieces of every fitted gene at unit scale (NaN elsewhere)."""
+        design, theta, independent = self._kr_parameters()
+        G, p, k = self.n_genes, self.k_fe, kr_n_parameters(design.st, independent)
+        out = KRPieces(np.full((G, p, p), np.nan), np.full((G, p, p), np.nan),
+                       np.full((G, k, p, p), np.nan), np.full((G, k, k), np.nan))
+        ok = np.flatnonzero(self._usable & np.all(np.isfinite(theta), axis=1))
+        if ok.size:
+            workers = getattr(self._fit, "workers", None)
+            got = over_gene_parts(lambda part: kr_pieces(design, theta[part], independent,
+                                                         workers=workers or 1), ok, workers)
+            for name in ("cov", "cov_adj", "P", "W"):
+                getattr(out, name)[ok] = getattr(got, name)
+        return out
+
+    def cov_params_kr(self, gene: str | int | None = None) -> np.ndarray | pd.DataFrame:
+        """Kenward-Roger's adjusted covariance of the fixed effects (pbkrtest's ``vcovAdj``).
+
+        Computed from the sufficient statistics at the REML estimates, block by
+        block (see :mod:`flashmm._kenward_roger`); never from the covariance of
+        the cells.
+
+        Parameters
+        ----------
+        gene : str or int, optional
+            One gene: its p x p matrix as a DataFrame (terms as index and
+            columns).  Without it, every gene as an array (genes, p, p).
+
+        Raises
+        ------
+        ValueError
+            For an ML fit (Kenward-Roger needs REML, as in pbkrtest).
+        """
+        check_df_method(KENWARD_ROGER, self.reml)
+        cov = self._kr.cov_adj * self._fit.scale[:, None, None]
+        if gene is None:
+            return cov
+        names = self.exog_names
+        return pd.DataFrame(cov[self.gene(gene)._pos], index=names, columns=names)
+
+    def kr_ftest(self, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Kenward-Roger denominator df and F scaling of the joint test ``L b = 0`` per gene.
+
+        ``L`` (r, p) has full row rank (r = the numerator df).
+        """
+        return kr_df(self._kr, L)
 
     @cached_property
     def df_satterthwaite(self) -> pd.DataFrame:
@@ -348,9 +439,22 @@ class MultiGeneMixedLMResults:
         return self._frame(self.contrast_df(np.eye(self.k_fe)), self.exog_names)
 
     @cached_property
+    def _bse_tests(self) -> pd.DataFrame:
+        """Standard errors the tests use: :attr:`bse_fe`, Kenward-Roger's adjusted ones under KR."""
+        if self.df_method != KENWARD_ROGER:
+            return self.bse_fe
+        se = np.sqrt(np.diagonal(self.contrast_cov(), axis1=1, axis2=2))
+        return self._frame(se, self.exog_names)
+
+    @cached_property
     def tvalues(self) -> pd.DataFrame:
-        """Estimate / standard error of every fixed effect."""
-        return self.fe_params / self.bse_fe
+        """Estimate / standard error of every fixed effect.
+
+        Under ``df_method="kenward-roger"`` the standard error is the adjusted
+        one (:meth:`cov_params_kr`), as lmerTest's summary; :attr:`bse_fe`
+        stays lme4's.
+        """
+        return self.fe_params / self._bse_tests
 
     @cached_property
     def pvalues(self) -> pd.DataFrame:
@@ -363,12 +467,15 @@ class MultiGeneMixedLMResults:
 
         Returns
         -------
-        DataFrame with columns ``gene, term, lower, upper`` (same df as the tests).
+        DataFrame with columns ``gene, term, lower, upper`` (the df and standard
+        errors of the tests with ``df_method``).
         """
-        df = (self.df_terms.to_numpy() if df_method is None
-              else self.contrast_df(np.eye(self.k_fe), df_method))
+        method = self._check_df_method(df_method)
+        df = (self.df_terms.to_numpy() if method == self.df_method
+              else self.contrast_df(np.eye(self.k_fe), method))
         crit = t_quantile(1 - alpha / 2, df)
-        b, se = self.fe_params.to_numpy(), self.bse_fe.to_numpy()
+        b = self.fe_params.to_numpy()
+        se = np.sqrt(np.diagonal(self.contrast_cov(method), axis1=1, axis2=2))
         G, p = b.shape
         return pd.DataFrame({
             "gene": np.repeat(self.gene_names.to_numpy(), p),
@@ -440,7 +547,7 @@ class MultiGeneMixedLMResults:
             ``contrast.matrix``-style expression over term names
             (``"A - (B + C) / 2"``), or a dict name -> any of these.
         alternative : {"two-sided", "larger", "smaller"}
-        df_method : {"satterthwaite", "residual", "normal"}, optional
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}, optional
             Defaults to the fit's ``df_method``.
         """
         names, L, q = build_contrasts(contrast, self.exog_names)
@@ -466,9 +573,8 @@ class MultiGeneMixedLMResults:
         type : {3, 2, 1} or {"III", "II", "I"}
             Type 3 (default, lmerTest's), 2 (marginal over the terms that do not
             contain the term) or 1 (sequential, in the design's term order).
-        df_method : {"satterthwaite", "residual", "normal"}, optional
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}, optional
             Denominator df of the F-tests; defaults to the fit's ``df_method``.
-            ``"kenward-roger"`` raises ``NotImplementedError`` (not available yet).
 
         Returns
         -------
@@ -496,7 +602,7 @@ class MultiGeneMixedLMResults:
             Pairwise differences of the means (``"A - B"``) instead of the means.
         alpha : float
             The confidence intervals ``lower, upper`` are at level ``1 - alpha``.
-        df_method : {"satterthwaite", "residual", "normal"}, optional
+        df_method : {"satterthwaite", "kenward-roger", "residual", "normal"}, optional
             Defaults to the fit's ``df_method``.
 
         Returns
@@ -659,16 +765,17 @@ class MultiGeneMixedLMResults:
 
     # ---------------------------------------------------------- summaries
     def summary(self, alpha: float = 0.05, fdr: float = 0.05,
-                terms: list[str] | None = None) -> Any:
+                terms: list[str] | None = None, df_method: str | None = None) -> Any:
         """A statsmodels ``Summary`` of the whole fit (see :func:`flashmm.summary.fit_summary`).
 
         Per fixed term: genes whose coefficient differs from 0 at ``fdr``
         (only for ``terms``, the effects of interest, when given), median
-        effect, standard error and df; then the variance components.
+        effect, standard error and df of the tests with ``df_method`` (default
+        the fit's); then the variance components.
         """
         from .summary import fit_summary
 
-        return fit_summary(self, alpha=alpha, fdr=fdr, terms=terms)
+        return fit_summary(self, alpha=alpha, fdr=fdr, terms=terms, df_method=df_method)
 
     def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """Tidy table of every coefficient (``contrast`` holds the term name).

@@ -110,7 +110,7 @@ class AlignedSummary(summary2.Summary):
 
 # ------------------------------------------------------------ whole fit
 def fit_summary(res: Any, alpha: float = 0.05, fdr: float = 0.05,
-                terms: Sequence[str] | None = None) -> Any:
+                terms: Sequence[str] | None = None, df_method: str | None = None) -> Any:
     """Summary of a whole fit: model information, fixed terms, variance components.
 
     Parameters
@@ -127,16 +127,20 @@ def fit_summary(res: Any, alpha: float = 0.05, fdr: float = 0.05,
         Terms for which that count is shown (the effects of interest); blank
         for the others. Default: every term. A test of a coefficient against 0
         means little for terms such as cell-type means, where every gene counts.
+    df_method : str, optional
+        df of the tests (and, for ``"kenward-roger"``, the adjusted standard
+        errors); default the fit's.
 
     Returns
     -------
     statsmodels.iolib.summary2.Summary
     """
     shown = _check_terms(res, terms)
+    method = res._check_df_method(df_method)
     smry = AlignedSummary()
-    smry.add_dict(_fit_info(res))
+    smry.add_dict(_fit_info(res, method))
     smry.add_title("Multi-gene Mixed Linear Model Results")
-    smry.add_df(_term_table(res, fdr, shown), align="r")
+    smry.add_df(_term_table(res, fdr, shown, method), align="r")
     smry.add_df(_variance_table(res), align="r")
     what = "every term" if terms is None else "the effects of interest only (blank elsewhere)"
     smry.add_text(f"Genes FDR<{fdr:g}: genes whose coefficient differs from 0 (Benjamini-Hochberg "
@@ -154,7 +158,7 @@ def _check_terms(res: Any, terms: Sequence[str] | None) -> list[str]:
     return terms
 
 
-def _fit_info(res: Any) -> dict[str, str]:
+def _fit_info(res: Any, df_method: str) -> dict[str, str]:
     comps = ", ".join(f"{c.name} ({c.size})" for c in res.stats.components)
     return {
         "Model:": "MultiGeneMixedLM",
@@ -162,7 +166,7 @@ def _fit_info(res: Any) -> dict[str, str]:
         "No. Cells:": str(res.nobs),
         "No. Genes:": str(res.n_genes),
         "Random components:": comps,
-        "Df method:": res.df_method,
+        "Df method:": df_method,
         "Genes converged:": str(int(res.converged.sum())),
         "Genes at boundary:": str(int(res.boundary.sum())),
         "Genes not fitted:": str(int((res.status != "ok").sum())),
@@ -170,9 +174,9 @@ def _fit_info(res: Any) -> dict[str, str]:
     }
 
 
-def _term_table(res: Any, fdr: float, shown: list[str]) -> pd.DataFrame:
+def _term_table(res: Any, fdr: float, shown: list[str], df_method: str) -> pd.DataFrame:
     """Per fixed term: genes at the FDR (for ``shown``), median effect, SE and df."""
-    tests = res.t_test(np.eye(res.k_fe))
+    tests = res.t_test(np.eye(res.k_fe), df_method=df_method)
     padj = tests.padj.to_numpy()
     count_col = f"Genes FDR<{fdr:g}"
     with np.errstate(invalid="ignore"):
@@ -181,7 +185,7 @@ def _term_table(res: Any, fdr: float, shown: list[str]) -> pd.DataFrame:
     table = pd.DataFrame({
         count_col: counts,
         "Median effect": _median(res.fe_params.to_numpy()),
-        "Median Std.Err.": _median(res.bse_fe.to_numpy()),
+        "Median Std.Err.": _median(tests.sd.to_numpy()),
         "Median df": _median(tests.df_denom.to_numpy()),
     }, index=res.exog_names)
     return _formatted(table, {count_col: _count_text, "Median df": _df_text})

@@ -267,10 +267,10 @@ def test_df_methods() -> None:
                                                                normal["num_df"]))
     ls = res.ls_means("ct", df_method="normal")
     assert np.isinf(ls["df"]).all()
-    with pytest.raises(NotImplementedError, match="kenward-roger.*not available yet"):
-        res.anova(df_method="kenward-roger")
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        res.ls_means("ct", df_method="Kenward-Roger")
+    with pytest.raises(ValueError, match="kenward-roger.*needs a REML fit"):
+        fit("nested_ML", "main").anova(df_method="kenward-roger")
+    with pytest.raises(ValueError, match="needs a REML fit"):
+        fit("nested_ML", "main").ls_means("ct", df_method="Kenward-Roger")
     with pytest.raises(ValueError, match="df_method"):
         res.anova(df_method="lme4")
     with pytest.raises(ValueError, match="type must be"):

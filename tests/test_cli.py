@@ -209,3 +209,18 @@ def test_demo_summary_reads_cleanly(tmp_path, capsys):
     padj = [float(line.split()[7]) for line in top.splitlines()
             if re.match(r"^Gene\d+\s+cls\[", line)]
     assert len(padj) == 6 and padj == sorted(padj)
+
+
+def test_fit_with_kenward_roger_df_matches_the_api(h5ad, tmp_path):
+    path, ad = h5ad
+    out = tmp_path / "kr.csv"
+    assert main(_fit_args(path, out, "--df-method", "kenward-roger",
+                          "--contrast", "C1=cls[C1]:trt[T.B]")) == 0
+    con = pd.read_csv(out).query("kind == 'contrast'").set_index("gene")
+    res = flashmm.MultiGeneMixedLM.from_formula(FORMULA, ad, groups="sam", transform="log2p1").fit(
+        df_method="kenward-roger")
+    expected = res.t_test({"C1": "cls[C1]:trt[T.B]"})
+    sat = res.t_test({"C1": "cls[C1]:trt[T.B]"}, df_method="satterthwaite")
+    np.testing.assert_allclose(con.loc[list(res.gene_names), "pvalue"], expected.pvalue["C1"],
+                               rtol=1e-9)
+    assert not np.allclose(expected.pvalue["C1"], sat.pvalue["C1"], rtol=1e-6)

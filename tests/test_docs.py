@@ -35,7 +35,7 @@ def test_docs_build_without_warnings(tmp_path):
     )
     assert proc.returncode == 0, f"sphinx-build -W failed:\n{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}"
     for page in ("index", "getting_started", "tutorial", "guide/model", "validation", "performance",
-                 "api/index"):
+                 "api/index", "study", "guide/compare"):
         assert (out / f"{page}.html").is_file(), f"{page}.html was not written"
     # the generated parts are really there
     assert (out / "_images" / "volcano_qq.png").is_file()

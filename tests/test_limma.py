@@ -10,6 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from flashmm import MultiGeneMixedLM
+from flashmm._errors import DataError
 from flashmm.limma import LimmaFit, duplicate_correlation, e_bayes, lm_fit
 
 FIELDS = ("coefficients", "stdev_unscaled", "sigma", "df_residual")
@@ -33,7 +34,6 @@ def study() -> dict:
     Y[:10] += 1.5 * X[:, 1]
     w = rng.uniform(0.5, 2.0, size=n)
     W = rng.uniform(0.5, 2.0, size=(G, n))
-    W[3, 5] = 0.0
     return {"Y": Y, "X": X, "block": block, "w": w, "W": W, "rho": 0.27}
 
 
@@ -80,6 +80,7 @@ def test_block_gls_matches_dense(study, weighted):
 def test_gene_weights_and_missing_match_dense(study):
     Y, X, block, rho, W = study["Y"].copy(), study["X"], study["block"], study["rho"], study["W"]
     Y[7, 2] = np.nan
+    Y[3, 5] = np.nan                     # observations are left out as missing values
     fit = lm_fit(Y, X, block=block, correlation=rho, weights=W)
     for i in (0, 3, 7, 42):
         keep = np.isfinite(Y[i]) & (W[i] > 0)
@@ -181,6 +182,11 @@ def test_bad_inputs(study):
         lm_fit(Y, X, block=study["block"], correlation=1.0)
     with pytest.raises(Exception, match="weights"):
         lm_fit(Y, X, weights=np.ones(5))
+    W = study["W"].copy()
+    W[3, 5], W[4, 0], W[0, 1] = 0.0, -1.0, np.nan
+    for f in (lm_fit, duplicate_correlation):
+        with pytest.raises(DataError, match=r"3 of 7200 are not \(1 NaN, 1 zero, 1 negative\)"):
+            f(Y, X, block=study["block"], weights=W)
     with pytest.raises(Exception, match="rank deficient"):
         lm_fit(Y, np.column_stack([X, X[:, 1]]))
     with pytest.raises(NotImplementedError):

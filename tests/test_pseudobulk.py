@@ -183,3 +183,33 @@ def test_group_names_are_unique():
     pb = flashmm.pseudobulk(ad, by=["a", "b"])
     assert pb.n_obs == 2 and pb.obs_names.is_unique
     np.testing.assert_array_equal(pb.X, [[2.0 + 6.0, 3.0 + 7.0], [0.0 + 4.0, 1.0 + 5.0]])
+
+
+def test_fractional_and_negative_counts_need_allow_non_integer(cells):
+    ad = cells.copy()
+    ad.X = ad.X.astype(float)
+    ad.X.data[4] = 1.5
+    with pytest.raises(DataError, match="1 values of cells .* are non-integer"):
+        flashmm.pseudobulk(ad, by="donor")
+    dense = ad.copy()
+    dense.X = ad.layers["dense"] - 1.0                      # negative (and dense)
+    with pytest.raises(DataError, match="negative .*allow_non_integer=True"):
+        flashmm.pseudobulk(dense, by="donor")
+    pb = flashmm.pseudobulk(dense, by="donor", allow_non_integer=True)
+    ref = _groupby_sum(dense, ["donor"])
+    np.testing.assert_array_equal(_dense(pb.X), ref.to_numpy())
+
+
+def test_zero_cell_groups_are_dropped_with_a_warning(cells):
+    # donor is categorical with an unused category d5: 6 x 3 = 18 combinations, 15 occur
+    n_groups = cells.obs.groupby(["donor", "celltype"], observed=True).ngroups
+    with pytest.warns(UserWarning, match=f"{18 - n_groups} of the 18 combinations"):
+        pb = flashmm.pseudobulk(cells, by=["donor", "celltype"])
+    assert pb.n_obs == n_groups and pb.obs["n_cells"].min() >= 1
+    ad = cells.copy()
+    ad.obs["donor"] = ad.obs["donor"].astype(str)            # no declared categories: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flashmm.pseudobulk(ad, by=["donor"])

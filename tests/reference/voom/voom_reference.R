@@ -68,7 +68,12 @@ write_ref(data.frame(consensus1 = dc1$consensus, consensus2 = dc2$consensus),
 w4 <- v4$weights
 dimnames(w4) <- dimnames(v4$E)
 write_matrix(w4, "dupcor_weights.csv.gz")
-write_fit(eBayes(lmFit(v4, design, block = samples$sam, correlation = dc2$consensus)), "dupcor")
+eb4 <- eBayes(lmFit(v4, design, block = samples$sam, correlation = dc2$consensus))
+write_fit(eb4, "dupcor")
+## topTable of the block + correlation + voom-weights fit, in gene order
+tt <- topTable(eb4, coef = "trtB", number = Inf, sort.by = "none")
+write_ref(data.frame(gene = rownames(tt), tt, check.names = FALSE),
+          file.path(dir, "dupcor_toptable.csv"))
 
 ## R's lowess alone: ties, outliers, iter and delta variants
 lw <- read.csv(file.path(dir, "lowess_in.csv"))
