@@ -21,10 +21,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import threading
+
 import numba
 import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
+
+# GNU OpenMP (numba's default layer on Linux) aborts a process forked after its threads
+# started: ask for a fork-safe layer (tbb if installed, else numba's workqueue) unless the
+# user chose one (NUMBA_THREADING_LAYER). workqueue is not safe for launches from several
+# Python threads at once (dask's threaded scheduler): launches are serialised by _LAUNCH,
+# each one using all cores anyway.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "forksafe"
+_LAUNCH = threading.Lock()
 
 __all__ = ["TRANSFORM_CODES", "Accumulators", "KernelDesign", "accumulate_chunk", "accumulate_csc_rows",
            "csr_is_canonical"]
@@ -396,7 +407,7 @@ def accumulate_chunk(acc: Accumulators, design: KernelDesign, row0: int,
         The indices are known to be canonical (views of a canonical matrix), so
         the check is skipped.
     """
-    with numba.parallel_chunksize(1):
+    with _LAUNCH, numba.parallel_chunksize(1):
         neg = _dispatch(acc, design, row0, block, code, trusted)
     if neg and code and raise_negative is not None:
         raise_negative()
@@ -434,7 +445,7 @@ def accumulate_csc_rows(acc: Accumulators, design: KernelDesign, matrix: sp.csc_
                         start: int, stop: int, code: int,
                         raise_negative: Callable[[], None] | None = None) -> None:
     """Add the sums of rows ``start:stop`` of a canonical in-memory CSC matrix to ``acc``."""
-    with numba.parallel_chunksize(64):
+    with _LAUNCH, numba.parallel_chunksize(64):
         neg = _csc_kernel(_kernel_values(matrix.data), matrix.indices,
                           matrix.indptr.astype(np.int64, copy=False), start, stop,
                           *design.rows_from(0), code, _TABLES[code], acc.XYt, acc.ZY, acc.yy,

@@ -179,3 +179,21 @@ def test_wide_rows(kind):
         stats = SufficientStats.from_design(design, KINDS[kind](counts, np.float32),
                                             transform="log2p1", chunk_size=128)
         _check(stats, _expected(sp.csr_matrix(counts, dtype=np.float32), design, "log2p1"))
+
+
+def _child_pass(seed):
+    counts, design = _data(n=200, seed=seed)
+    return float(SufficientStats.from_design(design, counts, transform="log2p1").yy.sum())
+
+
+def test_fork_after_a_pass_and_passes_from_threads():
+    """Processes forked after a pass can run passes (GNU OpenMP would abort them); so can threads."""
+    import concurrent.futures
+    import multiprocessing
+
+    expected = _child_pass(1)
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        assert list(pool.map(_child_pass, [1, 1])) == [expected, expected]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(_child_pass, [1, 1, 1])) == [expected] * 3
