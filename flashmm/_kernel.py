@@ -18,10 +18,9 @@ ever made.  numba's threads are set with ``numba.set_num_threads`` or the
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import threading
 
 import numba
 import numpy as np
