@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._fit_theta import ThetaCriterion, ThetaGLS, _logdet_pd, _spd_inv, _sym, working_set_floats
+from ._fit_global import GlobalVCCriterion, global_applies
 from ._fit_vc import VCBlockCriterion, _Eval
 
 __all__ = ["ArrowheadCriterion", "arrowhead_applies", "specialise"]
@@ -388,9 +389,13 @@ def specialise(crit: ThetaCriterion) -> ThetaCriterion:
 
     Variance components only (no random slopes) without a global block (no
     crossed factor) use :class:`~flashmm._fit_vc.VCBlockCriterion`, in closed
-    form (:class:`ArrowheadCriterion`) when the blocks are arrowheads.
+    form (:class:`ArrowheadCriterion`) when the blocks are arrowheads; with a
+    global block of moderate size (crossed factors),
+    :class:`~flashmm._fit_global.GlobalVCCriterion`.
     """
     st = crit.st
+    if global_applies(crit):
+        return GlobalVCCriterion.of(crit)
     if st.re_dim == 0 and st.glob_cols.size == 0 and st.n_theta > 0:
         return ArrowheadCriterion.of(crit) if arrowhead_applies(crit) else VCBlockCriterion.of(crit)
     return crit
