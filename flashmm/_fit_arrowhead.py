@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._fit_theta import ThetaCriterion, ThetaGLS, _logdet_pd, _spd_inv, _sym, working_set_floats
 from ._fit_global import GlobalVCCriterion, global_applies
+from ._fit_theta import ThetaCriterion, ThetaGLS, _logdet_pd, _spd_inv, _sym, working_set_floats
 from ._fit_vc import VCBlockCriterion, _Eval
 
 __all__ = ["ArrowheadCriterion", "arrowhead_applies", "specialise"]
