@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._arrow_blocks import _Arrow, _Blocks, _bmat, _position_parameters, arrow_blocks, arrow_pairs
 from ._fit_theta import (
     ThetaCriterion,
     _arrowhead_inverse,
@@ -100,6 +101,45 @@ class _GlobalShared:
         return cls(np.concatenate([zz.ZX1, zz.B], axis=-1), XeXe, glob1, rows)
 
 
+@dataclass
+class _GlobalArrow:
+    """Arrowhead group blocks (:class:`~flashmm._arrow_blocks._Arrow`) and the rows of
+    ``[Z1'X | Z1'Z2]`` split into the blocks' first slot and their children."""
+
+    ar: _Arrow
+    R0: np.ndarray         # (m, e)
+    Rc: np.ndarray         # (m, c, e)
+    Rcf: np.ndarray        # (m c, e)
+    P2: np.ndarray         # (m c, e(e+1)/2) upper triangles of the children's outer products
+    iu: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def of(cls, crit: ThetaCriterion, gl: _GlobalShared) -> _GlobalArrow | None:
+        """The closed-form arrays, or None when the blocks are not arrowheads whose slot
+        positions each belong to one parameter, or a parameter has both group and global columns."""
+        st = crit.st
+        split = np.intersect1d(st.slot_theta[st.slot_theta >= 0], st.glob_theta).size
+        if split or not crit.zz.arrowhead or np.any(_position_parameters(st.slot_theta) == -2):
+            return None
+        m, s, e = gl.Rs.shape
+        Rc = np.ascontiguousarray(gl.Rs[:, 1:])
+        Rcf = Rc.reshape(m * (s - 1), e)
+        iu = np.triu_indices(e)
+        return cls(_Arrow.of(crit), np.ascontiguousarray(gl.Rs[:, 0]), Rc, Rcf,
+                   Rcf[:, iu[0]] * Rcf[:, iu[1]], iu)
+
+    def weighted(self, w: np.ndarray) -> np.ndarray:
+        """``sum_{blocks, children} w_k R_k R_k'`` (..., e, e) for weights w (..., m, c)."""
+        e = self.R0.shape[1]
+        if self.Rcf.shape[0] == 0:                        # no children (one slot per block)
+            return np.zeros(w.shape[:-2] + (e, e))
+        packed = w.reshape(-1, self.Rcf.shape[0]) @ self.P2
+        out = np.empty((packed.shape[0], e, e))
+        out[:, self.iu[0], self.iu[1]] = packed
+        out[:, self.iu[1], self.iu[0]] = packed
+        return out.reshape(w.shape[:-2] + (e, e))
+
+
 def _cholesky_solve(Phi: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``L^-1 v`` and ``log|Phi|`` with ``L L' = Phi`` (G, e, e); NaN for genes where
     ``Phi`` is not numerically positive definite (a line-search trial far out)."""
@@ -113,6 +153,13 @@ def _cholesky_solve(Phi: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndar
             return z, np.where(ok, np.sum(np.log(np.abs(w)), axis=1), np.nan)
     z = np.linalg.solve(L, v[..., None])[..., 0]
     return z, 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
+
+
+def _arrow_floats(m: int, s: int, d: int, p: int, t: int) -> int:
+    """float64 values one gene holds during a Newton evaluation with arrowhead blocks:
+    vectors over (blocks, slots), (blocks, e) per parameter, e x e per parameter."""
+    e = p + d
+    return m * s * 24 + m * e * (3 * t + 10) + e * e * (3 * t + 8) + 4 * d * d
 
 
 def _global_floats(m: int, s: int, d: int, p: int, t: int) -> int:
@@ -131,25 +178,34 @@ class GlobalVCCriterion(VCBlockCriterion):
     """
 
     glob: _GlobalShared | None = field(default=None, repr=False)
+    arrowg: _GlobalArrow | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, crit: ThetaCriterion) -> GlobalVCCriterion:
         """The global-block criterion of the same genes and statistics."""
         st, p = crit.st, crit.XX.shape[0]
         m, s, d, t = st.n_groups, st.block_size, st.glob_cols.size, st.n_theta
-        chunk = max(1, crit._chunk_size() * working_set_floats(st, p)
-                    // _global_floats(m, s, d, p, t))
+        gl = _GlobalShared.of(crit)
+        arrow = _GlobalArrow.of(crit, gl)
+        floats = _global_floats(m, s, d, p, t) if arrow is None else _arrow_floats(m, s, d, p, t)
+        chunk = max(1, crit._chunk_size() * working_set_floats(st, p) // floats)
         return cls(crit.st, crit.zz, crit.XX, crit.XY, crit.ZY, crit.yy, crit.n, crit.reml,
-                   chunk, _Shared.of(crit), _GlobalShared.of(crit))
+                   chunk, _Shared.of(crit), gl, arrow)
 
     def subset(self, idx: np.ndarray) -> GlobalVCCriterion:
         """The criterion of genes ``idx``."""
         return GlobalVCCriterion(self.st, self.zz, self.XX, self.XY[idx], self.ZY[idx],
                                  self.yy[idx], self.n, self.reml, self.chunk, self.shared,
-                                 self.glob)
+                                 self.glob, self.arrowg)
 
     def _evaluate(self, theta: np.ndarray, idx: np.ndarray, order: int) -> _Eval:
         """``S``, ``L`` and (``order`` >= 1, 2) their derivatives in ``g`` for genes ``idx``."""
+        if self.arrowg is not None:
+            return self._evaluate_arrow(theta, idx, order)
+        return self._evaluate_dense(theta, idx, order)
+
+    def _evaluate_dense(self, theta: np.ndarray, idx: np.ndarray, order: int) -> _Eval:
+        """:meth:`_evaluate` on dense s x s group blocks."""
         sh, gl, st = self.shared, self.glob, self.st
         G = theta.shape[0]
         m, s, p = sh.ZX.shape
@@ -260,3 +316,200 @@ class GlobalVCCriterion(VCBlockCriterion):
         JGam = np.stack(JGam, axis=1)                                # (G, t, e, e)
         tr = np.einsum("gipq,gjqp->gij", JGam, JGam)
         return _sym(-(pattern + tr)).reshape(G, tr.shape[1], tr.shape[1])
+
+    # ------------------------------------------------------- arrowhead blocks
+    def _profile_global(self, G: int, p: int, gram_yy: np.ndarray, gram_ye: np.ndarray,
+                        gram_ee: np.ndarray, lam2: np.ndarray, idx: np.ndarray
+                        ) -> tuple[np.ndarray, ...]:
+        """The global columns profiled (module docstring): ``S``, ``log|Phi|`` or
+        ``log|Sc|``, ``h``, ``H``, ``J``, ``J_L`` and ``J h`` from ``R'NR``."""
+        d = lam2.shape[1]
+        yy1 = self.yy[idx] - gram_yy
+        hy = np.concatenate([self.XY[idx], self.ZY[idx][:, self.st.glob_cols]], axis=1) - gram_ye
+        H = _sym(self.glob.XeXe - gram_ee)
+        Dv = np.concatenate([np.ones((G, p)), lam2], axis=1)
+        Phi = Dv[:, :, None] * H * Dv[:, None, :]
+        Phi[:, np.arange(p, p + d), np.arange(p, p + d)] += 1.0
+        z, ldPhi = _cholesky_solve(Phi, Dv * hy)
+        S = yy1 - np.sum(z * z, axis=1)
+        J = Dv[:, :, None] * _spd_inv(Phi) * Dv[:, None, :]
+        if self.reml:
+            JL, ld2 = J, ldPhi
+        else:
+            Sc = Phi[:, p:, p:]
+            ld2 = _logdet_pd(Sc)
+            JL = np.zeros_like(J)
+            JL[:, p:, p:] = lam2[:, :, None] * _spd_inv(Sc) * lam2[:, None, :]
+        return S, ld2, hy, H, J, JL, np.einsum("gij,gj->gi", J, hy)
+
+    def _evaluate_arrow(self, theta: np.ndarray, idx: np.ndarray, order: int) -> _Eval:
+        """:meth:`_evaluate` with the arrowhead blocks in closed form.
+
+        ``N_b = diag(0, e) + h v v'`` (:mod:`flashmm._fit_arrowhead`), so
+        ``R'NR = sum e_k R_k R_k' + h x~ x~'`` with ``x~ = v'R``, and the rows of
+        ``U = Z1'V1^-1 Xe`` are ``x~ / sigma`` (first slot) and ``(R_k - h a_k x~) / delta_k``;
+        every sum over the rows of a component is an e x e matrix (``Gamma``).
+        """
+        ga, st = self.arrowg, self.st
+        ar = ga.ar
+        G = theta.shape[0]
+        m, c, e = ga.Rc.shape
+        p = self.XX.shape[0]
+        bl = arrow_blocks(ar, theta)
+        valid = st.slot_cols >= 0
+        zy = self.ZY[idx][:, np.where(valid, st.slot_cols, 0)] * valid
+        zy0, zyc = zy[..., 0], zy[..., 1:]
+        ae = ar.a * bl.e
+        xt_y = zy0 - np.sum(ae * zyc, axis=2)                             # v'Z1'y
+        xt = ga.R0 - _bmat(ae, ga.Rc)                                     # v'[Z1'X | Z1'Z2]
+        hxt = bl.h[..., None] * xt
+        ezy = bl.e * zyc
+        gram_ee = ga.weighted(bl.e) + np.swapaxes(hxt, 1, 2) @ xt
+        gram_ye = ezy.reshape(G, m * c) @ ga.Rcf + np.einsum("gm,gme->ge", xt_y, hxt)
+        gram_yy = np.sum(ezy * zyc, axis=(1, 2)) + np.sum(bl.h * xt_y * xt_y, axis=1)
+        lam2 = theta[:, st.glob_theta]
+        S, ld2, hy, H, J, JL, wy = self._profile_global(G, p, gram_yy, gram_ye, gram_ee, lam2, idx)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logdet = (np.sum(np.log(bl.sigma), axis=1) - np.sum(np.log(bl.inv_delta), axis=(1, 2))
+                      + ld2)
+        out = _Eval(S, logdet)
+        if order == 0:
+            return out
+        pos, g1 = ar.pos, self.glob.glob1
+        U2, Ct = H[:, p:, :], H[:, p:, p:]
+        r0 = zy0 - np.einsum("me,ge->gm", ga.R0, wy)                      # Z1'(y - Xe J h)
+        rc = zyc - (wy @ ga.Rcf.T).reshape(G, m, c)
+        rt = r0 - np.sum(ae * rc, axis=2)
+        a0 = rt / bl.sigma                                                # a = Z'Py
+        ac = (rc - (bl.h * rt)[..., None] * ar.a) * bl.inv_delta
+        a2 = hy[:, p:] - np.einsum("gde,ge->gd", U2, wy)
+        w = ar.a * bl.inv_delta
+        Kd0 = bl.rho / bl.sigma                                           # diag of K1's blocks
+        Kdc = ar.d * bl.inv_delta - bl.h[..., None] * w * w
+        u0 = xt / bl.sigma[..., None]
+        Gam = self._gammas(bl, xt, u0, U2, np.ones_like(bl.inv_delta))    # (G, t, e, e)
+        UJU = np.einsum("gij,gtji->gt", JL, Gam)                          # sum_{k in j} (U J_L U')_kk
+        out.dS = -(np.sum(a0 * a0, axis=1)[:, None] * pos[0] + np.sum(ac * ac, axis=1) @ pos[1:]
+                   + (a2 * a2) @ g1)
+        out.dL = (np.sum(Kd0, axis=1)[:, None] * pos[0] + np.sum(Kdc, axis=1) @ pos[1:]
+                  + np.diagonal(Ct, axis1=1, axis2=2) @ g1 - UJU)
+        if order == 1:
+            return out
+        out.d2S = self._s_hessian_arrow_global(bl, a0, ac, a2, w, xt, u0, U2, Ct, J)
+        out.d2L = self._l_hessian_arrow_global(bl, w, Kd0, Kdc, xt, u0, U2, Ct, JL, Gam)
+        return out
+
+    def _child_rows(self, bl: _Blocks, xt: np.ndarray, wts: np.ndarray) -> np.ndarray:
+        """``sum_{blocks, children k} wts_k u_k u_k'`` (G, e, e), ``u_k = (R_k - h a_k x~) / delta_k``."""
+        ga = self.arrowg
+        ar = ga.ar
+        wd = wts * bl.inv_delta ** 2
+        Y = _bmat(bl.h[..., None] * ar.a * wd, ga.Rc)                     # sum h a_k w_k R_k / delta_k^2
+        XY = np.swapaxes(xt, 1, 2) @ Y
+        h2 = bl.h ** 2 * np.sum(ar.a * ar.a * wd, axis=2)
+        return ga.weighted(wd) - XY - np.swapaxes(XY, 1, 2) + np.swapaxes(xt * h2[..., None], 1, 2) @ xt
+
+    def _gammas(self, bl: _Blocks, xt: np.ndarray, u0: np.ndarray, U2: np.ndarray | None,
+                wts: np.ndarray) -> np.ndarray:
+        """``Gamma_j = sum_{k in j} wts_k U_k U_k'`` (G, t, e, e) for every parameter j
+        (the first slot weighted by 1, the global rows ``U2`` by 1; None: group rows only)."""
+        pos, g1 = self.arrowg.ar.pos, self.glob.glob1
+        G, e = xt.shape[0], xt.shape[2]
+        out = np.zeros((G, pos.shape[1], e, e))
+        first = np.swapaxes(u0, 1, 2) @ u0
+        for j in range(pos.shape[1]):
+            if pos[0, j]:
+                out[:, j] += first
+            if pos[1:, j].any():
+                out[:, j] += self._child_rows(bl, xt, wts * pos[1:, j])
+            cols = np.flatnonzero(g1[:, j])
+            if cols.size and U2 is not None:
+                out[:, j] += np.swapaxes(U2[:, cols], 1, 2) @ U2[:, cols]
+        return out
+
+    def _group_sums(self, bl: _Blocks, xt: np.ndarray, u0: np.ndarray, x0: np.ndarray,
+                    xc: np.ndarray) -> np.ndarray:
+        """``sum_{blocks} sum_{k in j} x_k U_k`` (G, t, e) over the group rows, with weights
+        ``x0`` (G, m) for the first slot and ``xc`` (G, m, c) for the children."""
+        ga = self.arrowg
+        pos = ga.ar.pos
+        out = np.einsum("gm,gme->ge", x0, u0)[:, None, :] * pos[0][None, :, None]
+        xd = xc * bl.inv_delta
+        for j in range(pos.shape[1]):
+            if pos[1:, j].any():
+                wj = xd * pos[1:, j]
+                hx = bl.h * np.sum(wj * ga.ar.a, axis=2)
+                out[:, j] += wj.reshape(xt.shape[0], -1) @ ga.Rcf - np.einsum("gm,gme->ge", hx, xt)
+        return out
+
+    def _s_hessian_arrow_global(self, bl: _Blocks, a0: np.ndarray, ac: np.ndarray,
+                                a2: np.ndarray, w: np.ndarray, xt: np.ndarray, u0: np.ndarray,
+                                U2: np.ndarray, Ct: np.ndarray, J: np.ndarray) -> np.ndarray:
+        """``S_ij = 2 [a_i' K1_ij a_j - (U_i'a_i)' J (U_j'a_j)]`` (G, t, t)."""
+        ar, g1 = self.arrowg.ar, self.glob.glob1
+        p = J.shape[1] - g1.shape[0]
+        aw = np.concatenate([(a0 * bl.rho)[..., None], ac * w], axis=2)
+        Ka = arrow_pairs(ar.pos, a0 * a0 * bl.rho, ac * ac * ar.d * bl.inv_delta,
+                         a0[..., None] * w * ac, aw, bl.h)                 # group blocks
+        x2 = a2[..., None] * g1                                           # (G, d, t)
+        Ug = self._group_sums(bl, xt, u0, a0, ac)                         # U_j'a_j, group rows
+        Ua = Ug + np.einsum("gde,gdt->gte", U2, x2)                       # ... and global rows
+        cross = Ug[:, :, p:] @ x2                                         # group x global: T1
+        Ka = Ka + cross + np.swapaxes(cross, 1, 2) + np.swapaxes(x2, 1, 2) @ Ct @ x2
+        return _sym(2.0 * (Ka - Ua @ J @ np.swapaxes(Ua, 1, 2)))
+
+    def _l_hessian_arrow_global(self, bl: _Blocks, w: np.ndarray, Kd0: np.ndarray,
+                                Kdc: np.ndarray, xt: np.ndarray, u0: np.ndarray, U2: np.ndarray,
+                                Ct: np.ndarray, JL: np.ndarray, Gam: np.ndarray) -> np.ndarray:
+        """``L_ij = -||(Z'PZ)_ij||_F^2`` (``Z'V^-1Z`` for ML) from the closed forms and ``Gamma``."""
+        ar, g1 = self.arrowg.ar, self.glob.glob1
+        pos = ar.pos
+        G, t = Gam.shape[:2]
+        p = JL.shape[1] - g1.shape[0]
+        # group blocks: sum K1^2 (the nested criterion's) ...
+        w2 = w * w
+        hw = bl.h[..., None] * w2
+        K0l = w / bl.sigma[..., None]
+        KK = arrow_pairs(pos, Kd0 * Kd0, Kdc * Kdc - hw * hw, K0l * K0l,
+                         np.concatenate([np.zeros_like(Kd0)[..., None], w2], axis=2), -bl.h ** 2)
+        # ... minus 2 sum K1 (U J U') with K1 = H - h wbar wbar' (H: diagonal and first row)
+        GH = self._gammas(bl, xt, u0 * np.sqrt(bl.rho)[..., None], None, ar.d * bl.inv_delta)
+        KG = np.zeros((G, t, t))
+        tt = np.arange(t)
+        KG[:, tt, tt] = np.einsum("gij,gtji->gt", JL, GH)
+        Vb = self._block_sums(bl, xt, w)         # sum_{children k in j} w_k U_k per block (G, t, m, e)
+        m, e = xt.shape[1:]
+        u0J = (u0 @ JL).reshape(G, 1, m * e)
+        first = (u0J @ np.swapaxes(Vb.reshape(G, t, m * e), 1, 2))[:, 0]   # sum u_0'J V_j
+        KG += pos[0][None, :, None] * first[:, None, :] + first[:, :, None] * pos[0][None, None, :]
+        grp = np.flatnonzero(pos.any(axis=0))                             # group parameters
+        k = grp.size
+        Ws = Vb[:, grp]
+        Ws[:, pos[0, grp] > 0] += bl.rho[:, None, :, None] * u0[:, None]  # wbar: the first slot
+        Ws = (Ws * np.sqrt(bl.h)[:, None, :, None]).reshape(G, k, m * e)
+        WsJ = (Ws.reshape(G, k * m, e) @ JL).reshape(G, k, m * e)
+        KG[:, grp[:, None], grp[None, :]] -= WsJ @ np.swapaxes(Ws, 1, 2)  # sum_b h Wbar_i'J Wbar_j
+        pattern = KK - 2.0 * KG
+        # group x global (T1, the Z2 columns of the group rows) and the global block
+        Y = JL @ np.swapaxes(U2, 1, 2)                                    # (G, e, d)
+        gz = np.diagonal(Gam[:, :, p:, p:], axis1=2, axis2=3) @ g1        # sum T1^2
+        gy = np.diagonal(Gam[:, :, p:, :] @ Y[:, None], axis1=2, axis2=3) @ g1
+        cross = (gz - 2.0 * gy) * (pos.sum(axis=0) > 0)[None, :, None]
+        pattern += cross + np.swapaxes(cross, 1, 2)
+        pattern += g1.T @ (Ct * (Ct - 2.0 * (U2 @ Y))) @ g1
+        JGam = JL[:, None] @ Gam
+        return _sym(-(pattern + np.einsum("gipq,gjqp->gij", JGam, JGam)))
+
+    def _block_sums(self, bl: _Blocks, xt: np.ndarray, wc: np.ndarray) -> np.ndarray:
+        """``sum_{children k in j} wc_k u_k`` per parameter and block (G, t, m, e)."""
+        ga = self.arrowg
+        pos = ga.ar.pos
+        G, m, e = xt.shape
+        out = np.zeros((G, pos.shape[1], m, e))
+        wd = wc * bl.inv_delta
+        for j in range(pos.shape[1]):
+            if pos[1:, j].any():
+                wj = wd * pos[1:, j]
+                out[:, j] = (_bmat(wj, ga.Rc)
+                             - (bl.h * np.sum(wj * ga.ar.a, axis=2))[..., None] * xt)
+        return out

@@ -84,10 +84,17 @@ def _close(got: np.ndarray, want: np.ndarray, rel: float, what: str) -> None:
     assert err < rel, f"{what}: {err:.1e}"
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
 @pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("design", ["crossed", "three"])
-def test_global_block_hessian_is_exact(design: str, reml: bool) -> None:
+def test_global_block_hessian_is_exact(design: str, reml: bool, closed_form: bool) -> None:
+    """Both evaluations: arrowhead blocks in closed form, and dense s x s blocks."""
+    import dataclasses
+
     general, fast, theta = _criteria(design, reml)
+    assert fast.arrowg is not None                          # arrowhead blocks: closed form
+    if not closed_form:
+        fast = dataclasses.replace(fast, arrowg=None)
     f0, g0 = general.gradient(theta)
     f1, g1, H = fast.newton_terms(theta)
     np.testing.assert_allclose(f1, f0, rtol=1e-12)
