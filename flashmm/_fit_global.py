@@ -52,6 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
 from ._arrow_blocks import _Arrow, _Blocks, _bmat, _position_parameters, arrow_blocks, arrow_pairs
 from ._fit_theta import (
@@ -68,6 +69,11 @@ from ._fit_vc import VCBlockCriterion, _Eval, _Shared
 from ._structure import _bmm
 
 __all__ = ["GlobalVCCriterion", "global_applies"]
+
+#: The children's outer products are stored sparse below this density (indicator
+#: designs: a row of ``[Z1'X | Z1'Z2]`` has a few non-zeros, 3% of the products at the
+#: atlas shape, and the weighted sums then cost 30 times less).
+SPARSE_BELOW = 0.25
 
 #: Largest global block handled with the exact Hessian; beyond it the e x e
 #: products (``q e^2`` per evaluation) outgrow the forward-difference Hessian's.
@@ -110,7 +116,8 @@ class _GlobalArrow:
     R0: np.ndarray         # (m, e)
     Rc: np.ndarray         # (m, c, e)
     Rcf: np.ndarray        # (m c, e)
-    P2: np.ndarray         # (m c, e(e+1)/2) upper triangles of the children's outer products
+    P2: np.ndarray | sp.csr_matrix   # (m c, e(e+1)/2) upper triangles of the children's
+    #                                  outer products (sparse for indicator designs)
     iu: tuple[np.ndarray, np.ndarray]
 
     @classmethod
@@ -125,8 +132,10 @@ class _GlobalArrow:
         Rc = np.ascontiguousarray(gl.Rs[:, 1:])
         Rcf = Rc.reshape(m * (s - 1), e)
         iu = np.triu_indices(e)
-        return cls(_Arrow.of(crit), np.ascontiguousarray(gl.Rs[:, 0]), Rc, Rcf,
-                   Rcf[:, iu[0]] * Rcf[:, iu[1]], iu)
+        P2 = Rcf[:, iu[0]] * Rcf[:, iu[1]]
+        if P2.size and np.count_nonzero(P2) < SPARSE_BELOW * P2.size:
+            P2 = sp.csr_matrix(P2)          # indicator rows: a few non-zeros each
+        return cls(_Arrow.of(crit), np.ascontiguousarray(gl.Rs[:, 0]), Rc, Rcf, P2, iu)
 
     def weighted(self, w: np.ndarray) -> np.ndarray:
         """``sum_{blocks, children} w_k R_k R_k'`` (..., e, e) for weights w (..., m, c)."""
@@ -361,7 +370,8 @@ class GlobalVCCriterion(VCBlockCriterion):
         zy0, zyc = zy[..., 0], zy[..., 1:]
         ae = ar.a * bl.e
         xt_y = zy0 - np.sum(ae * zyc, axis=2)                             # v'Z1'y
-        xt = ga.R0 - _bmat(ae, ga.Rc)                                     # v'[Z1'X | Z1'Z2]
+        xt = (ga.R0 - _bmat(ae, ga.Rc) if c                               # v'[Z1'X | Z1'Z2]
+              else np.broadcast_to(ga.R0, (G, m, e)))
         hxt = bl.h[..., None] * xt
         ezy = bl.e * zyc
         gram_ee = ga.weighted(bl.e) + np.swapaxes(hxt, 1, 2) @ xt
@@ -408,6 +418,25 @@ class GlobalVCCriterion(VCBlockCriterion):
         XY = np.swapaxes(xt, 1, 2) @ Y
         h2 = bl.h ** 2 * np.sum(ar.a * ar.a * wd, axis=2)
         return ga.weighted(wd) - XY - np.swapaxes(XY, 1, 2) + np.swapaxes(xt * h2[..., None], 1, 2) @ xt
+
+    def _row_quadratic(self, bl: _Blocks, xt: np.ndarray, JL: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """``u_k'J u_k`` for the first slot (G, m) and the children (G, m, c) of every block."""
+        ga = self.arrowg
+        ar = ga.ar
+        G, m, e = xt.shape
+        c = ga.Rc.shape[1]
+        Jx = xt @ JL
+        xJx = np.sum(Jx * xt, axis=2)
+        if c == 0:
+            return xJx / bl.sigma ** 2, np.zeros((G, m, 0))
+        iu = ga.iu
+        Jp = JL[:, iu[0], iu[1]] * np.where(iu[0] == iu[1], 1.0, 2.0)   # packed, off-diagonal twice
+        RJR = np.asarray(ga.P2 @ Jp.T).T.reshape(G, m, c)               # R_k'J R_k
+        RJx = np.einsum("mce,gme->gmc", ga.Rc, Jx)
+        ha = bl.h[..., None] * ar.a
+        qc = (RJR - 2.0 * ha * RJx + ha * ha * xJx[..., None]) * bl.inv_delta ** 2
+        return xJx / bl.sigma ** 2, qc
 
     def _gammas(self, bl: _Blocks, xt: np.ndarray, u0: np.ndarray, U2: np.ndarray | None,
                 wts: np.ndarray) -> np.ndarray:
@@ -473,20 +502,28 @@ class GlobalVCCriterion(VCBlockCriterion):
         KK = arrow_pairs(pos, Kd0 * Kd0, Kdc * Kdc - hw * hw, K0l * K0l,
                          np.concatenate([np.zeros_like(Kd0)[..., None], w2], axis=2), -bl.h ** 2)
         # ... minus 2 sum K1 (U J U') with K1 = H - h wbar wbar' (H: diagonal and first row)
-        GH = self._gammas(bl, xt, u0 * np.sqrt(bl.rho)[..., None], None, ar.d * bl.inv_delta)
+        q0, qc = self._row_quadratic(bl, xt, JL)                      # (U J U')_kk
         KG = np.zeros((G, t, t))
         tt = np.arange(t)
-        KG[:, tt, tt] = np.einsum("gij,gtji->gt", JL, GH)
-        Vb = self._block_sums(bl, xt, w)         # sum_{children k in j} w_k U_k per block (G, t, m, e)
+        KG[:, tt, tt] = (np.sum(bl.rho * q0, axis=1)[:, None] * pos[0]
+                         + np.sum(ar.d * bl.inv_delta * qc, axis=1) @ pos[1:])   # H_kk (U J U')_kk
+        Vb = self._block_sums(bl, xt, w)     # {j: sum_{children k in j} w_k U_k per block (G, m, e)}
         m, e = xt.shape[1:]
-        u0J = (u0 @ JL).reshape(G, 1, m * e)
-        first = (u0J @ np.swapaxes(Vb.reshape(G, t, m * e), 1, 2))[:, 0]   # sum u_0'J V_j
+        u0J = (u0 @ JL).reshape(G, m * e)
+        first = np.zeros((G, t))
+        for j, v in Vb.items():
+            first[:, j] = np.einsum("gk,gk->g", u0J, v.reshape(G, m * e))   # sum u_0'J V_j
         KG += pos[0][None, :, None] * first[:, None, :] + first[:, :, None] * pos[0][None, None, :]
         grp = np.flatnonzero(pos.any(axis=0))                             # group parameters
         k = grp.size
-        Ws = Vb[:, grp]
-        Ws[:, pos[0, grp] > 0] += bl.rho[:, None, :, None] * u0[:, None]  # wbar: the first slot
-        Ws = (Ws * np.sqrt(bl.h)[:, None, :, None]).reshape(G, k, m * e)
+        sh = np.sqrt(bl.h)
+        Ws = np.zeros((G, k, m, e))
+        for i, j in enumerate(grp):                                       # sqrt(h) wbar_j'U per block
+            if pos[0, j]:
+                Ws[:, i] = u0 * (bl.rho * sh)[..., None]
+            if j in Vb:
+                Ws[:, i] += Vb[j] * sh[..., None]
+        Ws = Ws.reshape(G, k, m * e)
         WsJ = (Ws.reshape(G, k * m, e) @ JL).reshape(G, k, m * e)
         KG[:, grp[:, None], grp[None, :]] -= WsJ @ np.swapaxes(Ws, 1, 2)  # sum_b h Wbar_i'J Wbar_j
         pattern = KK - 2.0 * KG
@@ -500,16 +537,15 @@ class GlobalVCCriterion(VCBlockCriterion):
         JGam = JL[:, None] @ Gam
         return _sym(-(pattern + np.einsum("gipq,gjqp->gij", JGam, JGam)))
 
-    def _block_sums(self, bl: _Blocks, xt: np.ndarray, wc: np.ndarray) -> np.ndarray:
-        """``sum_{children k in j} wc_k u_k`` per parameter and block (G, t, m, e)."""
+    def _block_sums(self, bl: _Blocks, xt: np.ndarray, wc: np.ndarray) -> dict[int, np.ndarray]:
+        """``sum_{children k in j} wc_k u_k`` per block (G, m, e) for the parameters j with children."""
         ga = self.arrowg
         pos = ga.ar.pos
-        G, m, e = xt.shape
-        out = np.zeros((G, pos.shape[1], m, e))
         wd = wc * bl.inv_delta
+        out = {}
         for j in range(pos.shape[1]):
             if pos[1:, j].any():
                 wj = wd * pos[1:, j]
-                out[:, j] = (_bmat(wj, ga.Rc)
-                             - (bl.h * np.sum(wj * ga.ar.a, axis=2))[..., None] * xt)
+                out[j] = (_bmat(wj, ga.Rc)
+                          - (bl.h * np.sum(wj * ga.ar.a, axis=2))[..., None] * xt)
         return out
