@@ -40,12 +40,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, save_result  # noqa: E402
+from _common import machine_info, save_result, sufficient_stats  # noqa: E402
 
 import flashmm._fit_global as fit_global  # noqa: E402
 from flashmm import MultiGeneMixedLM  # noqa: E402
 from flashmm._design import build_design  # noqa: E402
-from flashmm.stats import SufficientStats, accumulate, empty_partial  # noqa: E402
+from flashmm.stats import SufficientStats  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "global_block.json"
 MODELS = ("one", "nested", "crossed", "three")
@@ -80,9 +80,7 @@ def atlas_like_stats(kind: str, n_genes: int, n_donors: int = 259, n_ct: int = 5
          + (sd[1] * rng.normal(size=(n_donors * n_ct, n_genes)))[donor * n_ct + ct]
          + (sd[2] * rng.normal(size=(n_batches, n_genes)))[batch]
          + rng.normal(size=(n, n_genes)))
-    part = empty_partial(design.k_fe, design.exog_re.shape[1], n_genes)
-    accumulate(part, design.exog, design.exog_re, Y)
-    return SufficientStats.from_partial(part, design, [f"gene{j}" for j in range(n_genes)], None)
+    return sufficient_stats(design, Y)
 
 
 def cpu_fit(stats: SufficientStats, exact_global: bool) -> tuple[float, float, np.ndarray, float]:
