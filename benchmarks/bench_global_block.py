@@ -11,14 +11,16 @@ batch variation (some at 0).  Four models:
 * ``crossed``: ``(1|donor) + (1|batch)`` (259 blocks of 1 slot, a global block of 24);
 * ``three``: ``(1|donor) + (1|donor:cls) + (1|batch)`` (259 blocks of 6 slots, global 24).
 
-Each is fitted with the engine as it is (``after``) and with the exact
-global-block criterion switched off (``before``: the general criterion with
-its forward-difference Hessian, the previous route of the crossed designs),
-alternately, ``--repeats`` times; the CPU time (``time.process_time``, one
-BLAS thread, ``n_jobs=1``) of ``fit()`` and of the Satterthwaite df of every
-coefficient is reported per gene (minimum over the repeats: robust to a
-shared machine's load).  The per-gene log-likelihoods of the two runs are
-compared (``after`` must never be lower by more than 1e-8).
+Each is fitted with the engine as it is (``after``) and as it was
+(``before``: the exact global-block criterion switched off, so the general
+criterion with its forward-difference Hessian, the previous route of the
+crossed designs, and lme4's start ``theta = 1`` instead of
+``flashmm._fit_theta.VC_START``), alternately, ``--repeats`` times; the CPU
+time (``time.process_time``, one BLAS thread, ``n_jobs=1``) of ``fit()`` and
+of the Satterthwaite df of every coefficient is reported per gene (minimum
+over the repeats: robust to a shared machine's load).  The per-gene
+log-likelihoods of the two runs are compared (``after`` must never be lower
+by more than 1e-8).
 
 Run from the repository root::
 
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_result, sufficient_stats  # noqa: E402
 
 import flashmm._fit_global as fit_global  # noqa: E402
+import flashmm._fit_theta as fit_theta  # noqa: E402
 from flashmm import MultiGeneMixedLM  # noqa: E402
 from flashmm._design import build_design  # noqa: E402
 from flashmm.stats import SufficientStats  # noqa: E402
@@ -87,8 +90,9 @@ def cpu_fit(stats: SufficientStats, exact_global: bool) -> tuple[float, float, n
     """CPU seconds of fit() and of the Satterthwaite df, the log-likelihoods, median iterations."""
     from threadpoolctl import threadpool_limits
 
-    saved = fit_global.MAX_GLOBAL
-    fit_global.MAX_GLOBAL = saved if exact_global else 0
+    saved = fit_global.MAX_GLOBAL, fit_theta.VC_START
+    if not exact_global:
+        fit_global.MAX_GLOBAL, fit_theta.VC_START = 0, 1.0
     try:
         with threadpool_limits(1):
             t0 = time.process_time()
@@ -97,7 +101,7 @@ def cpu_fit(stats: SufficientStats, exact_global: bool) -> tuple[float, float, n
             _ = res.df_satterthwaite
             t2 = time.process_time()
     finally:
-        fit_global.MAX_GLOBAL = saved
+        fit_global.MAX_GLOBAL, fit_theta.VC_START = saved
     return t1 - t0, t2 - t1, res.llf.to_numpy(), float(np.median(res.n_iter))
 
 
