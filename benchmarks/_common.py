@@ -42,3 +42,13 @@ def save_result(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def sufficient_stats(design, Y: np.ndarray):  # noqa: ANN001, ANN201 - flashmm types, imported late
+    """The sufficient statistics of responses ``Y`` (cells x genes) on a built design."""
+    from flashmm.stats import SufficientStats, accumulate, empty_partial
+
+    part = empty_partial(design.k_fe, design.exog_re.shape[1], Y.shape[1])
+    accumulate(part, design.exog, design.exog_re, Y)
+    return SufficientStats.from_partial(part, design, [f"gene{j}" for j in range(Y.shape[1])],
+                                        None)

@@ -37,11 +37,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, save_result  # noqa: E402
+from _common import machine_info, save_result, sufficient_stats  # noqa: E402
 
 from flashmm import MultiGeneMixedLM  # noqa: E402
 from flashmm._design import build_design  # noqa: E402
-from flashmm.stats import SufficientStats, accumulate, empty_partial  # noqa: E402
+from flashmm.stats import SufficientStats  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "components.json"
 
@@ -72,9 +72,7 @@ def simulate_stats(kind: str, n_donors: int, n_genes: int, n_celltypes: int = 3,
          + (sd[1] * rng.normal(size=(n_donors * n_celltypes, n_genes)))[donor * n_celltypes + ct]
          + (sd[2] * rng.normal(size=(n_batches, n_genes)))[batch]
          + rng.normal(size=(n, n_genes)))
-    part = empty_partial(design.k_fe, design.exog_re.shape[1], n_genes)
-    accumulate(part, design.exog, design.exog_re, Y)
-    return SufficientStats.from_partial(part, design, [f"gene{j}" for j in range(n_genes)], None)
+    return sufficient_stats(design, Y)
 
 
 def time_fit(stats: SufficientStats, repeats: int) -> tuple[float, dict]:

@@ -658,14 +658,31 @@ def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
     return out
 
 
+#: Starting factor of every variance component (relative standard deviation):
+#: lme4's 1.  Measured on atlas-shaped simulations (256 genes, nested, crossed
+#: and three components), 0.3 needs 10-24% fewer Hessian evaluations and reaches
+#: the same optima (criterion within 6e-10), but on round-off-flat criteria
+#: (tests/test_invariants.py::test_equivariance, data scaled by 0.01 and
+#: shifted by X c) it stops at a point 3.5e-6 away in the residual variance
+#: (with a log-likelihood 1.6e-9 higher), outside that test's 1e-6; kept at 1.
+VC_START = 1.0
+
+
+def default_start(st: ThetaStructure) -> float:
+    """The scale of the default start: lme4's ``T = I`` with random slopes, else :data:`VC_START`."""
+    return 1.0 if st.re_dim else VC_START
+
+
 def minimise_theta_block(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
                          start_theta: np.ndarray | None = None,
                          rescue_starts: tuple[float, ...] = (0.2, 5.0)) -> ThetaFitResult:
     """Minimise the criterion for a block of genes; keep the best optimum per gene.
 
-    Every gene starts from lme4's ``T = I`` (and from ``start_theta`` if
-    given).  Genes that have not converged are restarted from
-    ``T = c I`` for every ``c`` in ``rescue_starts``.  (Optimising without
+    Every gene starts from :func:`default_start` -- lme4's ``T = I`` with
+    random slopes, every factor at :data:`VC_START` for variance components --
+    and from ``start_theta`` if given.  Genes that have not converged are
+    restarted from ``T = c I`` for every ``c`` in ``rescue_starts`` (and lme4's
+    ``c = 1`` first when the default start is another).  (Optimising without
     the sign bounds, see :func:`_newton_canonical`, makes one start enough in
     practice: on about 2,000 simulated fits, five starts never found a better
     optimum than ``T = I`` alone.)
@@ -683,7 +700,10 @@ def minimise_theta_block(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int 
         Scales of the restarts for genes that did not converge.
     """
     G = crit.yy.shape[0]
-    points = [crit.st.start(1.0, G)]
+    first = default_start(crit.st)
+    points = [crit.st.start(first, G)]
+    if first != 1.0:
+        rescue_starts = (1.0,) + tuple(c for c in rescue_starts if c != 1.0)
     if start_theta is not None:
         points.insert(0, np.array(np.broadcast_to(start_theta, (G, crit.st.n_theta)), dtype=float))
     best = _run_start(crit, points[0], tol, maxiter)

@@ -24,6 +24,7 @@ KNOWN = {
     "slopes.json": "``bench_slopes.py``: random slopes against the number of groups",
     "components.json": "``bench_components.py``: several components against the number of donors",
     "atlas_components.json": "``bench_atlas_components.py``: several components at the atlas shape",
+    "global_block.json": "``bench_global_block.py``: designs with a global block, before and after",
 }
 
 
@@ -95,7 +96,8 @@ def _add_sections(rep: _Report) -> None:
     for name, build in (("stats.json", _stats_report), ("fit.json", _fit_report),
                         ("dask_memory.json", _dask_report), ("atlas.json", _atlas_report),
                         ("slopes.json", _slopes_report), ("components.json", _components_report),
-                        ("atlas_components.json", _atlas_components_report)):
+                        ("atlas_components.json", _atlas_components_report),
+                        ("global_block.json", _global_block_report)):
         data, note = _load(name)
         if note:
             rep.notes.append(note)
@@ -344,6 +346,22 @@ def _atlas_components_report(d: dict[str, Any], rep: _Report) -> None:
     rep.text += ["Several components at the atlas shape\n"
                  "-------------------------------------\n", table,
                  f"\nMachine: {_machine(d)}.\n\n"]
+
+
+def _global_block_report(d: dict[str, Any], rep: _Report) -> None:
+    """``bench_global_block.py``: CPU per gene with and without the exact global-block Hessian."""
+    rows = []
+    for name, r in d["models"].items():
+        cost = {k: r[k]["fit_ms_per_gene"] + r[k]["df_ms_per_gene"] for k in ("before", "after")}
+        rows.append([name, f"{cost['before']:.2f}", f"{cost['after']:.2f}", f"{r['speedup']:.2f}",
+                     f"{r['after'].get('ratio_to_one', float('nan')):.1f}",
+                     f"{r['llf_after_minus_before']['min']:.1e}"])
+    table = _table(f"CPU ms per gene (fit + Satterthwaite df, one thread, {d['genes']} genes, "
+                   f"{d['donors']} donors x {d['celltypes']} cell types, {d['batches']} batches)",
+                   ["model", "before", "after", "speed-up", "after, x one component",
+                    "min llf(after) - llf(before)"], rows)
+    rep.text += ["Designs with a global block\n"
+                 "---------------------------\n", table, f"\nMachine: {_machine(d)}.\n\n"]
 
 
 def main(out: Path) -> None:  # noqa: C901 - one linear report
