@@ -259,7 +259,7 @@ class _Bordered:
             Wb = _sym(L @ fac.M11inv @ np.swapaxes(L, -1, -2))
         A, B, C = zz.A, zz.B, zz.C
         dvec = lam.dvec
-        R1 = -lam.left(fac.F)
+        R1 = -lam.left(fac.dense_F())
         R2 = dvec[:, :, None] * np.eye(dvec.shape[1])
         AW = _bmm(A, Wb)
         WB = _bmm(Wb, np.broadcast_to(B, R1.shape)) if B.size else np.zeros(R1.shape)
