@@ -45,7 +45,7 @@ from ._fit_theta import (
     working_set_floats,
 )
 
-__all__ = ["VCBlockCriterion"]
+__all__ = ["InVariances", "VCBlockCriterion"]
 
 
 @dataclass
@@ -235,17 +235,58 @@ class VCBlockCriterion(ThetaCriterion):
 
     def newton_terms(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Criterion, gradient and exact Hessian in ``theta``."""
+        f, grad, hess = self.newton_terms_in_g(theta)
+        grad, hess = _to_theta(theta, grad, hess)
+        return f, grad, hess
+
+    def newton_terms_in_g(self, theta: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Criterion, gradient and exact Hessian in the ratios ``g = theta^2``, at ``theta``."""
         G, t = theta.shape
         f, grad, hess = np.empty(G), np.empty((G, t)), np.empty((G, t, t))
         for idx, ev in self._run(theta, 2):
             S = np.maximum(ev.S, np.finfo(float).tiny)
-            fg = self.m * ev.dS / S[:, None] + ev.dL
-            fgg = (self.m * (ev.d2S / S[:, None, None]
-                             - ev.dS[:, :, None] * ev.dS[:, None, :] / (S * S)[:, None, None])
-                   + ev.d2L)
+            grad[idx] = self.m * ev.dS / S[:, None] + ev.dL
+            hess[idx] = (self.m * (ev.d2S / S[:, None, None]
+                                   - ev.dS[:, :, None] * ev.dS[:, None, :] / (S * S)[:, None, None])
+                         + ev.d2L)
             f[idx] = self.m * np.log(S) + ev.logdet
-            grad[idx], hess[idx] = _to_theta(theta[idx], fg, fgg)
         return f, grad, hess
+
+    def in_variances(self) -> InVariances:
+        """The same criterion as a function of the ratios ``g = theta^2 >= 0``."""
+        return InVariances(self)
+
+
+@dataclass
+class InVariances:
+    """A :class:`VCBlockCriterion` over the variance ratios ``g = theta^2``, bounded by 0.
+
+    What :func:`~flashmm._newton.projected_newton` minimises for variance
+    components.  Near a boundary optimum the criterion is even in ``theta``,
+    and Newton in ``theta`` approaches 0 linearly (its curvature there is
+    ``2 df/dg``, small exactly when 0 is barely optimal); in ``g`` the bound is
+    reached in one projected step and held by the sign of ``df/dg``.  On the
+    atlas' nested model this takes 4.4 exact Hessians per gene instead of 7.5,
+    to the same optima.
+    """
+
+    crit: VCBlockCriterion
+
+    #: the exact Hessian costs about one gradient: full steps are tried with it
+    cheap_hessian = True
+
+    def subset(self, idx: np.ndarray) -> InVariances:
+        """The criterion of genes ``idx``."""
+        return InVariances(self.crit.subset(idx))
+
+    def value(self, g: np.ndarray) -> np.ndarray:
+        """Criterion per gene at the ratios ``g`` (G, t)."""
+        return self.crit.value(np.sqrt(np.maximum(g, 0.0)))
+
+    def newton_terms(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Criterion, gradient and exact Hessian in ``g``."""
+        return self.crit.newton_terms_in_g(np.sqrt(np.maximum(g, 0.0)))
 
 
 def _to_theta(theta: np.ndarray, dg: np.ndarray, d2g: np.ndarray

@@ -278,14 +278,14 @@ def test_worker_killed_mid_reduction(cluster_client):
 
     future = client.compute(stats_from_dask(design, lazy, transform="log1p", split_every=3,
                                             compute=False))
-    workers = sorted(client.scheduler_info()["workers"])
-    victim = workers[0]
     deadline = time.time() + 30
-    while True:  # wait until the victim holds at least one partial sum
-        held = client.has_what().get(victim, ())
-        if any("chunk_partial" in str(k) or "combine" in str(k) for k in held):
-            break
-        assert time.time() < deadline, "the victim never held a partial"
+    victim = None
+    while victim is None:  # wait until a worker holds at least one partial sum: the victim
+        for worker, held in sorted(client.has_what().items()):
+            if any("chunk_partial" in str(k) or "combine" in str(k) for k in held):
+                victim = worker
+                break
+        assert victim is not None or time.time() < deadline, "no worker ever held a partial"
         time.sleep(0.05)
     assert not future.done()
     pid = client.run(os.getpid, workers=[victim])[victim]
