@@ -10,8 +10,10 @@ fitted from the backed ``.h5ad`` by the command line, in one session, with:
 * ``crossed``: ``(1|donor) + (1|batch)`` (``--vc donor=... --vc batch=...``);
 * ``three``: ``(1|donor) + (1|donor:cls) + (1|batch)``.
 
-Wall time, CPU time and peak RSS of every run, and each model's ratio to the
-one-component run of the same session, go to
+The file is read once before the runs (so every run reads it from the page
+cache), and the one-component model runs first and again last: each model's
+ratio is to the mean of those two runs.  Wall time, CPU time and peak RSS of
+every run, and the ratios, go to
 ``benchmarks/results/atlas_components.json``.  The issue's targets: nested
 and crossed within 2x, three components within 3x, peak RSS < 4 GB.
 
@@ -47,6 +49,13 @@ MODELS = {
 TARGETS = {"nested": 2.0, "crossed": 2.0, "three": 3.0}
 
 
+def _read_through(path: Path, block: int = 64 << 20) -> None:
+    """Read the file once, so that every timed run finds it in the page cache."""
+    with open(path, "rb") as fh:
+        while fh.read(block):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build (or reuse) the atlas file and time every model on it."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,17 +73,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building {h5ad} ...", flush=True)
         build_h5ad(h5ad, args.cells, args.genes)
     record = {"h5ad": str(h5ad), "cells": args.cells, "genes": args.genes,
-              "machine": machine_info(), "runs": {}}
-    for name in args.models.split(","):
-        print(f"fitting {name}: {' '.join(MODELS[name])}", flush=True)
-        fit = run_fit(h5ad, work, None, MODELS[name])
-        record["runs"][name] = {"flags": list(MODELS[name]), **fit}
+              "machine": machine_info(), "page_cache_warmed": True, "runs": {}}
+    _read_through(h5ad)
+    names = args.models.split(",")
+    if "one" in names:
+        names = ["one"] + [n for n in names if n != "one"] + ["one_again"]
+    for name in names:
+        flags = MODELS[name.removesuffix("_again")]
+        print(f"fitting {name}: {' '.join(flags)}", flush=True)
+        fit = run_fit(h5ad, work, None, flags)
+        record["runs"][name] = {"flags": list(flags), **fit}
         print(f"  {fit['seconds']:.1f} s wall, {fit['cpu_seconds']:.1f} s CPU, "
               f"{fit['peak_rss_gb']:.2f} GB; {fit['message']}", flush=True)
-    base = record["runs"].get("one")
-    if base:
+    if "one" in record["runs"]:
+        base = (record["runs"]["one"]["seconds"] + record["runs"]["one_again"]["seconds"]) / 2
+        record["one_component_seconds"] = base
         for name, run in record["runs"].items():
-            run["ratio_to_one"] = run["seconds"] / base["seconds"]
+            run["ratio_to_one"] = run["seconds"] / base
             if name in TARGETS:
                 run["target_ratio"] = TARGETS[name]
                 run["meets_target"] = bool(run["ratio_to_one"] <= TARGETS[name]

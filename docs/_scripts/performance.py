@@ -343,9 +343,13 @@ def _atlas_components_report(d: dict[str, Any], rep: _Report) -> None:
                    f"{d['genes']:,} genes), one session",
                    ["model", "random effects", "wall (s)", "CPU (s)", "peak RSS (GB)",
                     "x one component", "target"], rows)
+    base = ""
+    if "one_component_seconds" in d:
+        base = (f"\nThe file was read once before the runs (page cache); ratios are to the mean of "
+                f"the first and last one-component runs, {d['one_component_seconds']:.1f} s.")
     rep.text += ["Several components at the atlas shape\n"
                  "-------------------------------------\n", table,
-                 f"\nMachine: {_machine(d)}.\n\n"]
+                 f"{base}\nMachine: {_machine(d)}.\n\n"]
 
 
 def _global_block_report(d: dict[str, Any], rep: _Report) -> None:
