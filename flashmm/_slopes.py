@@ -125,7 +125,7 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
             start = np.broadcast_to(start if meta is not None else np.sqrt(start), (G, t))[ok]
         res = minimise_theta(sub, tol=tol, maxiter=maxiter, start_theta=start, n_jobs=workers)
         theta[ok], converged[ok], n_iter[ok] = res.theta, res.converged, res.n_iter
-        S, logdet, _, _ = sub.parts(res.theta, grad=False)
+        S, logdet = _parts_at(sub, res.theta, workers)
         s = S / m
         scale[ok] = s * c[ok] ** 2
         llf[ok] = -0.5 * (m * (1.0 + np.log(2.0 * np.pi * s)) + logdet) - m * np.log(c[ok])
@@ -142,6 +142,15 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
                          method="theta-newton", theta=theta, structure=st, criterion=crit,
                          gene_scale=c, workers=workers)
     return RandomSlopesResults(model, fit, df_method=df_method)
+
+
+def _parts_at(crit: ThetaCriterion, theta: np.ndarray, workers: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``S`` and the log-determinant term at ``theta``, on the fit's threads."""
+    both = over_gene_parts(
+        lambda part: np.stack(crit.subset(part).parts(theta[part], grad=False)[:2], axis=1),
+        np.arange(theta.shape[0]), workers)
+    return both[:, 0], both[:, 1]
 
 
 def structure_of(stats: Any) -> ThetaStructure:
