@@ -161,17 +161,30 @@ def newton_direction(grad: np.ndarray, hess: np.ndarray, held: np.ndarray) -> np
     return np.where(free, step, 0.0)
 
 
+#: Relative resolution of a criterion value (a few units of round-off): a line search
+#: whose predicted decrease is below it stops.
+RESOLUTION = 4.0 * np.finfo(float).eps
+
+
 def _line_search(crit: Criterion, x: np.ndarray, step: np.ndarray, grad: np.ndarray,
                  f: np.ndarray, lower: np.ndarray, max_halvings: int = 50, alpha0: float = 1.0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Armijo backtracking on the projected path ``max(x + alpha step, lower)``."""
+    """Armijo backtracking on the projected path ``max(x + alpha step, lower)``.
+
+    A row stops (not moved) once the decrease its step predicts, ``alpha |grad'step|``,
+    is below :data:`RESOLUTION` of its criterion: no trial can then show a decrease
+    that is not round-off (such rows used to run to ``max_halvings``).
+    """
     G = x.shape[0]
     alpha = np.full(G, alpha0)
     new = x.copy()
     newf = f.copy()
     pending = np.ones(G, dtype=bool)
     moved = np.zeros(G, dtype=bool)
+    slope = np.abs(np.sum(grad * step, axis=1))
+    resolution = RESOLUTION * np.abs(f)
     for _ in range(max_halvings):
+        pending &= ~(alpha * slope < resolution)
         idx = np.flatnonzero(pending)
         if idx.size == 0:
             break
