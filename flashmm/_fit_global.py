@@ -405,7 +405,9 @@ class GlobalVCCriterion(VCBlockCriterion):
 
     def _ml_global(self, k: _ArrowCore) -> np.ndarray:
         """``J_ML = blockdiag(0_p, Lambda2 Sc^-1 Lambda2)`` (G, e, e), ``Sc = I + Lambda2 H_zz Lambda2``:
-        the global random effects profiled without the fixed effects."""
+        the global random effects profiled without the fixed effects (``J_L`` of ML fits)."""
+        if not self.reml:
+            return k.JL
         p = self.XX.shape[0]
         lam2 = k.lam2
         Sc = lam2[:, :, None] * k.H[:, p:, p:] * lam2[:, None, :]

@@ -345,8 +345,9 @@ def _atlas_components_report(d: dict[str, Any], rep: _Report) -> None:
                     "x one component", "target"], rows)
     base = ""
     if "one_component_seconds" in d:
-        base = (f"\nThe file was read once before the runs (page cache); ratios are to the mean of "
-                f"the first and last one-component runs, {d['one_component_seconds']:.1f} s.")
+        base = (f"\nThe file was read once before the runs (page cache); every model ran "
+                f"{d.get('repeats', 1)} times, interleaved; times are medians, ratios are to the "
+                f"one-component median, {d['one_component_seconds']:.1f} s.")
     rep.text += ["Several components at the atlas shape\n"
                  "-------------------------------------\n", table,
                  f"{base}\nMachine: {_machine(d)}.\n\n"]
