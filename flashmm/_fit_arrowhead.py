@@ -178,15 +178,18 @@ class ArrowheadCriterion(VCBlockCriterion):
         b = np.einsum("gij,gj->gi", C, XVy)
         return _GLSCore(ar, bl, zy0, zyc, ae, wzy, ut, XVX, XVy, C, b)
 
-    def gls(self, theta: np.ndarray) -> ThetaGLS:
+    def gls(self, theta: np.ndarray, random_effects: bool = True) -> ThetaGLS:
         """:meth:`ThetaCriterion.gls <flashmm._fit_theta.ThetaCriterion.gls>` in closed form.
 
         ``b`` and ``C`` from the block sums, BLUPs ``N r`` and conditional variances ``diag N``.
         """
-        G, p, q = theta.shape[0], self.XX.shape[0], self.st.q
-        out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
+        G, p = theta.shape[0], self.XX.shape[0]
+        out = ThetaGLS.empty(G, p, self.st.q if random_effects else 0)
         for idx in self.chunks():
             g = self._gls_core(theta[idx], idx)
+            if not random_effects:
+                out.fe_params[idx], out.cov_unscaled[idx] = g.b, g.C
+                continue
             bl, ae = g.bl, g.ae
             _, rc, rt = g.residual()
             hrt = bl.h * rt

@@ -416,7 +416,7 @@ class GlobalVCCriterion(VCBlockCriterion):
         out[:, p:, p:] = lam2[:, :, None] * _spd_inv(Sc) * lam2[:, None, :]
         return out
 
-    def gls(self, theta: np.ndarray) -> ThetaGLS:
+    def gls(self, theta: np.ndarray, random_effects: bool = True) -> ThetaGLS:
         """:meth:`ThetaCriterion.gls <flashmm._fit_theta.ThetaCriterion.gls>`, in closed form
         for arrowhead blocks with children (:meth:`_closed_form_pays`).
 
@@ -426,8 +426,8 @@ class GlobalVCCriterion(VCBlockCriterion):
         ``Lambda^2 U`` of ``N Z1'Xe``, the quadratic forms in ``J_ML``.
         """
         if not self._closed_form_pays():
-            return super().gls(theta)
-        return self._gls_arrow(theta)
+            return super().gls(theta, random_effects)
+        return self._gls_arrow(theta, random_effects)
 
     def _closed_form_pays(self) -> bool:
         """Arrowhead blocks with children: the closed forms of :meth:`gls` and
@@ -436,13 +436,16 @@ class GlobalVCCriterion(VCBlockCriterion):
         the general factorisation is cheaper (0.11 against 0.14 ms per gene)."""
         return self.arrowg is not None and self.arrowg.Rc.shape[1] > 0
 
-    def _gls_arrow(self, theta: np.ndarray) -> ThetaGLS:
+    def _gls_arrow(self, theta: np.ndarray, random_effects: bool = True) -> ThetaGLS:
         """:meth:`gls` in closed form (arrowhead blocks)."""
         ar = self.arrowg.ar
-        G, p, q = theta.shape[0], self.XX.shape[0], self.st.q
-        out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
+        G, p = theta.shape[0], self.XX.shape[0]
+        out = ThetaGLS.empty(G, p, self.st.q if random_effects else 0)
         for idx in self.chunks():
             k = self._arrow_core(theta[idx], idx)
+            out.fe_params[idx], out.cov_unscaled[idx] = k.wy[:, :p], k.J[:, :p, :p]
+            if not random_effects:
+                continue
             bl = k.bl
             rc, rt = self._arrow_residual(k)
             hrt = bl.h * rt
@@ -453,7 +456,6 @@ class GlobalVCCriterion(VCBlockCriterion):
             cv = np.concatenate([(bl.h + l4[:, None, 0] * q0)[..., None],
                                  bl.e + bl.h[..., None] * k.ae ** 2 + l4[:, None, 1:] * qc],
                                 axis=2)
-            out.fe_params[idx], out.cov_unscaled[idx] = k.wy[:, :p], k.J[:, :p, :p]
             out.blup_unscaled[idx] = self.zz.join(blup, k.wy[:, p:])
             out.condvar_unscaled[idx] = self.zz.join(cv, np.diagonal(J2[:, p:, p:], axis1=1,
                                                                     axis2=2))

@@ -706,17 +706,20 @@ class ThetaCriterion:
         o = self.zz.matvec(*lam.apply(*w))
         return z[0] - o[0], z[1] - o[1]
 
-    def gls(self, theta: np.ndarray) -> ThetaGLS:
-        """Fixed effects, their covariance, BLUPs and conditional variances at ``theta``.
+    def gls(self, theta: np.ndarray, random_effects: bool = True) -> ThetaGLS:
+        """Fixed effects, their covariance, BLUPs and conditional variances at ``theta``
+        (without the last two, as arrays of 0 columns, when not ``random_effects``).
 
         Block by block: linear in the number of groups.
         """
-        G, p, q = theta.shape[0], self.XX.shape[0], self.st.q
-        out = ThetaGLS(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
+        G, p = theta.shape[0], self.XX.shape[0]
+        out = ThetaGLS.empty(G, p, self.st.q if random_effects else 0)
         for idx in self.chunks():
             sol = self.solve(theta[idx], idx)
             out.fe_params[idx] = sol.b
             out.cov_unscaled[idx] = sol.C
+            if not random_effects:
+                continue
             lu = sol.lam.apply(*sol.u())
             out.blup_unscaled[idx] = self.zz.join(lu[0][..., 0], lu[1][..., 0])
             Minv = sol.fac.group_inverse()
@@ -1071,14 +1074,21 @@ class ThetaGLS:
     blup_unscaled: np.ndarray     # (G, q)     Lambda M^-1 Lambda' (ZY - ZX b)
     condvar_unscaled: np.ndarray  # (G, q)     diag(Lambda M^-1 Lambda') = Var(u | y) / s
 
+    @classmethod
+    def empty(cls, G: int, p: int, q: int) -> ThetaGLS:
+        """Arrays to fill for G genes (q = 0: no random effects)."""
+        return cls(np.empty((G, p)), np.empty((G, p, p)), np.empty((G, q)), np.empty((G, q)))
 
-def gls_theta(crit: ThetaCriterion, theta: np.ndarray) -> ThetaGLS:
+
+def gls_theta(crit: ThetaCriterion, theta: np.ndarray, random_effects: bool = True
+              ) -> ThetaGLS:
     """Fixed effects, their covariance, BLUPs and conditional variances at ``theta`` (G, t).
 
     ``crit`` must be built on unscaled statistics (``c = 1``); see
-    :meth:`ThetaCriterion.gls`.
+    :meth:`ThetaCriterion.gls`.  ``random_effects=False`` leaves the BLUPs and
+    conditional variances out (arrays of 0 columns).
     """
-    return crit.gls(theta)
+    return crit.gls(theta, random_effects)
 
 
 def condcov_groups(crit: ThetaCriterion, theta: np.ndarray) -> np.ndarray:

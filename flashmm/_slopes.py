@@ -324,10 +324,23 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
 
     @cached_property
     def _gls(self) -> ThetaGLS:
+        return self._estimate(random_effects=True)
+
+    @cached_property
+    def _gls_fixed(self) -> ThetaGLS:
+        return self._estimate(random_effects=False)
+
+    @property
+    def _fixed(self) -> ThetaGLS:
+        """The fixed effects alone unless the BLUPs were computed already: tests and tables
+        need no (genes, q) arrays."""
+        return self.__dict__.get("_gls") or self._gls_fixed
+
+    def _estimate(self, random_effects: bool) -> ThetaGLS:
         theta = np.where(self._usable[:, None], self._fit.theta, 0.0)
-        est = self._in_parts(lambda part: gls_theta(self._crit.subset(part), theta[part]),
-                             np.arange(self.n_genes))  # y / c: scale b and BLUPs back
-        est.fe_params *= self._c[:, None]
+        est = self._in_parts(lambda part: gls_theta(self._crit.subset(part), theta[part],
+                                                    random_effects), np.arange(self.n_genes))
+        est.fe_params *= self._c[:, None]              # y / c: scale b and BLUPs back
         est.blup_unscaled *= self._c[:, None]
         bad = ~self._usable
         for arr in (est.fe_params, est.cov_unscaled, est.blup_unscaled, est.condvar_unscaled):
@@ -375,7 +388,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
         out = np.full((self.n_genes, L.shape[-2]), np.nan)
         ok = np.flatnonzero(self._usable)
         if ok.size:
-            cov, info, scale = self._gls.cov_unscaled, self._info, self._scale_per_unit
+            cov, info, scale = self._fixed.cov_unscaled, self._info, self._scale_per_unit
             out[ok] = self._in_parts(lambda part: satterthwaite_theta(
                 self._crit.subset(part), self._fit.theta[part], scale[part], cov[part],
                 L if L.ndim == 2 else L[part], info[part]), ok)
@@ -479,7 +492,7 @@ class RandomSlopesResults(MultiGeneMixedLMResults):
     def params(self) -> pd.DataFrame:
         """Fixed effects, ``Psi / scale`` (lower triangle), variance-component ratios."""
         cols = self.exog_names + self.cov_re_names + [f"{c} Var" for c in self.component_names]
-        vals = np.hstack([self._gls.fe_params, self.cov_re_unscaled.to_numpy(), self._vc_ratios()])
+        vals = np.hstack([self._fixed.fe_params, self.cov_re_unscaled.to_numpy(), self._vc_ratios()])
         return self._frame(vals, cols)
 
     @cached_property

@@ -83,7 +83,7 @@ def predict_cells(results: Any, cells: NewCells,
                   random_effects: bool | str, genes: Any = None) -> pd.DataFrame:
     """``X b`` (+ ``Z u``) for the genes requested (positions, names or mask; default all)."""
     pos = gene_positions(results, genes)
-    b = results._gls.fe_params[pos]                       # (G, p)
+    b = results._fixed.fe_params[pos]                       # (G, p)
     out = cells.exog @ b.T
     if random_effects is not False and cells.exog_re is not None:
         u = results._gls.blup_unscaled[pos]                # (G, q), columns of Z

@@ -111,6 +111,12 @@ class MultiGeneMixedLMResults:
     def _reduced(self) -> Reduced:
         return reduce_stats(self.stats)
 
+    @property
+    def _fixed(self) -> Any:
+        """The fixed effects and their covariance (``fe_params``, ``cov_unscaled``): here
+        :attr:`_gls`; engines whose BLUPs cost more than the fixed effects give them alone."""
+        return self._gls
+
     @cached_property
     def _gls(self) -> GLSEstimates:
         ratios = np.where(self._usable[:, None], self._fit.ratios, 0.0)
@@ -196,7 +202,7 @@ class MultiGeneMixedLMResults:
     @cached_property
     def fe_params(self) -> pd.DataFrame:
         """Fixed-effect estimates (genes x terms)."""
-        return self._frame(self._gls.fe_params, self.exog_names)
+        return self._frame(self._fixed.fe_params, self.exog_names)
 
     def cov_params(self) -> np.ndarray:
         """Covariance of the fixed effects, array (genes, p, p)."""
@@ -204,7 +210,7 @@ class MultiGeneMixedLMResults:
         top = getattr(self._fit, "top_vcomp", None)
         if top is not None:  # h2 = 1: relative to the component variance (see _gls)
             scale = np.where(np.isinf(self._fit.ratios[:, 0]), top, scale)
-        return self._gls.cov_unscaled * scale[:, None, None]
+        return self._fixed.cov_unscaled * scale[:, None, None]
 
     @cached_property
     def bse_fe(self) -> pd.DataFrame:
@@ -295,7 +301,7 @@ class MultiGeneMixedLMResults:
         """Fixed effects, then the variance ratios ``"<name> Var"`` (statsmodels' params)."""
         ratios = self._fit.ratios
         cols = self.exog_names + [f"{c} Var" for c in self.component_names]
-        return self._frame(np.hstack([self._gls.fe_params, ratios]), cols)
+        return self._frame(np.hstack([self._fixed.fe_params, ratios]), cols)
 
     @cached_property
     def bse(self) -> pd.DataFrame:
@@ -347,14 +353,14 @@ class MultiGeneMixedLMResults:
         red, unit, _ = self._unit_scale
         if not top.any():
             return satterthwaite_df(self.stats, red, self._fit.ratios, unit,
-                                    self._gls.cov_unscaled, L, self.reml, info=self._info,
+                                    self._fixed.cov_unscaled, L, self.reml, info=self._info,
                                     eig_ZZ=self._eig_ZZ)
         # h2 = 1 (residual variance 0): Cov(b) is proportional to the one remaining
         # variance, estimated on n - p (REML) degrees of freedom: df = n - p
         ratios = np.where(top[:, None], 0.0, self._fit.ratios)
         scale = np.where(top, 1.0, unit)
         with np.errstate(all="ignore"):
-            df = satterthwaite_df(self.stats, red, ratios, scale, self._gls.cov_unscaled, L,
+            df = satterthwaite_df(self.stats, red, ratios, scale, self._fixed.cov_unscaled, L,
                                   self.reml, info=self._info, eig_ZZ=self._eig_ZZ)
         df[top] = float(self.nobs - self.k_fe)
         return df
