@@ -101,12 +101,16 @@ def keep_temporaries_in_heap() -> bool:
     """Serve the fit's array temporaries from the heap instead of fresh ``mmap`` pages (glibc).
 
     The structured fit allocates and frees arrays of a few hundred KB to a few MB
-    in every evaluation; above glibc's mmap threshold each one is a fresh mapping
-    whose pages the kernel zeroes on first touch.  On the atlas' nested model that
-    is 17 of the 42 s of CPU time, in the kernel; with the thresholds of
-    :data:`_MALLOPT` it is 4.7 s, for the same peak memory.  Called by the command
-    line (its own process); library users can set the same ``MALLOC_*_`` environment
-    variables.  Parameters the user set in the environment are left alone.
+    in every evaluation, on worker threads.  By default glibc gives freed memory
+    back to the kernel (large blocks are separate mappings, and a thread's arena
+    shrinks after a free), so the next temporary faults its pages in again, each
+    zeroed by the kernel.  On the atlas' nested model (fit
+    from statistics, two threads) that is 17 s of kernel time beside 43 s in the
+    program; with the thresholds of :data:`_MALLOPT` it is 4.7 s, for the same peak
+    memory (end to end from an ``.h5ad``, the pass's freed buffers stay in the heap
+    too: 0.15 GB more at the peak).  Called by the command line (its own
+    process); library users can set the same ``MALLOC_*_`` environment variables.
+    Parameters the user set in the environment are left alone.
 
     Returns
     -------
