@@ -178,6 +178,16 @@ def _global_floats(m: int, s: int, d: int, p: int, t: int) -> int:
     return m * s * (8 * s + 6 * (e + 1) + 3 * d + 4 * t) + 6 * (e + 1) ** 2 + 2 * t * e * e + 4 * d * d
 
 
+def _global_only(Sc: np.ndarray, lam2: np.ndarray, p: int) -> np.ndarray:
+    """``J_ML = blockdiag(0_p, Lambda2 Sc^-1 Lambda2)`` (G, p + d, p + d) from the global
+    block ``Sc = I + Lambda2 H_zz Lambda2`` of ``Phi``: the global columns profiled
+    without the fixed effects."""
+    G, d = lam2.shape
+    out = np.zeros((G, p + d, p + d))
+    out[:, p:, p:] = lam2[:, :, None] * _spd_inv(Sc) * lam2[:, None, :]
+    return out
+
+
 @dataclass
 class _ArrowCore:
     """The closed-form group blocks and the profiled global columns at ``theta``."""
@@ -270,8 +280,7 @@ class GlobalVCCriterion(VCBlockCriterion):
         else:
             Sc = Phi[:, p:, p:]
             logdet = np.sum(ldM, axis=1) + _logdet_pd(Sc)
-            JL = np.zeros_like(J)
-            JL[:, p:, p:] = lam2[:, :, None] * _spd_inv(Sc) * lam2[:, None, :]
+            JL = _global_only(Sc, lam2, p)
         out = _Eval(S, logdet)
         if order == 0:
             return out
@@ -367,8 +376,7 @@ class GlobalVCCriterion(VCBlockCriterion):
         else:
             Sc = Phi[:, p:, p:]
             ld2 = _logdet_pd(Sc)
-            JL = np.zeros_like(J)
-            JL[:, p:, p:] = lam2[:, :, None] * _spd_inv(Sc) * lam2[:, None, :]
+            JL = _global_only(Sc, lam2, p)
         return S, ld2, hy, H, J, JL, np.einsum("gij,gj->gi", J, hy)
 
     def _arrow_core(self, theta: np.ndarray, idx: np.ndarray) -> _ArrowCore:
@@ -404,17 +412,14 @@ class GlobalVCCriterion(VCBlockCriterion):
         return rc, r0 - np.sum(k.ae * rc, axis=2)
 
     def _ml_global(self, k: _ArrowCore) -> np.ndarray:
-        """``J_ML = blockdiag(0_p, Lambda2 Sc^-1 Lambda2)`` (G, e, e), ``Sc = I + Lambda2 H_zz Lambda2``:
-        the global random effects profiled without the fixed effects (``J_L`` of ML fits)."""
+        """:func:`_global_only` at the core's ``H`` (``J_L`` itself for ML fits)."""
         if not self.reml:
             return k.JL
         p = self.XX.shape[0]
         lam2 = k.lam2
         Sc = lam2[:, :, None] * k.H[:, p:, p:] * lam2[:, None, :]
         Sc[:, np.arange(lam2.shape[1]), np.arange(lam2.shape[1])] += 1.0
-        out = np.zeros_like(k.J)
-        out[:, p:, p:] = lam2[:, :, None] * _spd_inv(Sc) * lam2[:, None, :]
-        return out
+        return _global_only(Sc, lam2, p)
 
     def gls(self, theta: np.ndarray, random_effects: bool = True) -> ThetaGLS:
         """:meth:`ThetaCriterion.gls <flashmm._fit_theta.ThetaCriterion.gls>`, in closed form
