@@ -19,7 +19,7 @@ and crossed within 2x, three components within 3x, peak RSS < 4 GB.
 
 Usage::
 
-    python benchmarks/bench_atlas_components.py                  # full size (~30 min)
+    python benchmarks/bench_atlas_components.py                  # full size, 3 rounds (~9 min)
     python benchmarks/bench_atlas_components.py --cells 50000 --genes 1000
     python benchmarks/bench_atlas_components.py --h5ad atlas.h5ad  # reuse a kept file
 """
