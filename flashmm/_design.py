@@ -643,10 +643,26 @@ def _fixed_rhs(formula: str) -> str:
     return formula.strip()
 
 
+def _strings_as_categorical(data: pd.DataFrame, rhs: str) -> pd.DataFrame:
+    """``data`` with the string columns that ``rhs`` names as pandas categoricals.
+
+    patsy codes categoricals through their categories, but inspects a column of
+    Python strings value by value (InstEval's two-level ``service``, 73,421 rows:
+    0.21 s against 0.01 s).  The categories are the sorted distinct strings,
+    patsy's own level order for strings, so the design is unchanged.
+    """
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", rhs)) & set(map(str, data.columns))
+    convert = {name: pd.Categorical(data[name]) for name in names
+               if data[name].dtype == object
+               and pd.api.types.infer_dtype(data[name], skipna=True) == "string"}
+    return data.assign(**convert) if convert else data
+
+
 def _patsy_matrix(patsy: Any, formula: str, data: pd.DataFrame, what: str,
                   na_action: str = "raise") -> pd.DataFrame:
     """Evaluate a one-sided patsy formula, turning patsy errors into clear ones."""
     rhs = _fixed_rhs(formula)
+    data = _strings_as_categorical(data, rhs)
     try:
         return patsy.dmatrix(rhs, data, return_type="dataframe", NA_action=na_action, eval_env=2)
     except patsy.PatsyError as err:

@@ -47,6 +47,7 @@ from ._arrow_blocks import (
     arrow_blocks,
     arrow_pairs,
 )
+from ._fit_average_info import AverageInformationCriterion
 from ._fit_global import GlobalVCCriterion, global_applies
 from ._fit_theta import ThetaCriterion, ThetaGLS, _logdet_pd, _spd_inv, _sym, working_set_floats
 from ._fit_vc import VCBlockCriterion, _Eval
@@ -308,11 +309,14 @@ def specialise(crit: ThetaCriterion) -> ThetaCriterion:
     crossed factor) use :class:`~flashmm._fit_vc.VCBlockCriterion`, in closed
     form (:class:`ArrowheadCriterion`) when the blocks are arrowheads; with a
     global block of moderate size (crossed factors),
-    :class:`~flashmm._fit_global.GlobalVCCriterion`.
+    :class:`~flashmm._fit_global.GlobalVCCriterion`; with a wider one (InstEval's
+    lecturers), :class:`~flashmm._fit_average_info.AverageInformationCriterion`.
     """
     st = crit.st
     if global_applies(crit):
         return GlobalVCCriterion.of(crit)
     if st.re_dim == 0 and st.glob_cols.size == 0 and st.n_theta > 0:
         return ArrowheadCriterion.of(crit) if arrowhead_applies(crit) else VCBlockCriterion.of(crit)
+    if st.re_dim == 0 and st.n_theta > 0:
+        return AverageInformationCriterion.of(crit)
     return crit

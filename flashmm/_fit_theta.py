@@ -189,13 +189,12 @@ class GlobalPairs:
 
     at the cost of ``nnz(P) = sum_g nnz(B_g)^2`` instead of ``m s d^2``
     (InstEval: 2,972 students against 1,156 crossed columns, 3% of the dense
-    cost).  Shared by every gene.
+    cost).  Shared by every gene; ``P'`` products go through ``P.T`` (a CSC view).
     """
 
     Bs: sp.csr_matrix       # (m s, d)
     BsT: sp.csr_matrix      # (d, m s)
     P: sp.csr_matrix        # (m s s, d d)
-    PT: sp.csr_matrix       # (d d, m s s)
     shape: tuple[int, int, int]
 
     @classmethod
@@ -205,28 +204,18 @@ class GlobalPairs:
         if d <= SPARSE_GLOBAL_MIN:
             return None
         Bs = sp.csr_matrix(B.reshape(m * s, d))
-        coo = Bs.tocoo()
-        group, slot = np.divmod(coo.row, s)
-        order = np.argsort(group, kind="stable")
-        group, slot, col, val = group[order], slot[order], coo.col[order], coo.data[order]
-        counts = np.bincount(group, minlength=m)
+        Bs.sort_indices()
+        ptr = Bs.indptr.astype(np.int64)
+        counts = ptr[s::s] - ptr[:-s:s]                 # non-zeros of every group
         if np.sum(counts.astype(float) ** 2) > SPARSE_GLOBAL_FILL * m * s * d * d:
             return None
-        starts = np.cumsum(counts) - counts
-        reps = counts[group]                      # partners of every entry (same group)
-        first = np.repeat(np.arange(group.size), reps)
-        ramp = np.arange(first.size) - np.repeat(np.cumsum(reps) - reps, reps)
-        second = starts[group[first]] + ramp
-        rows = (group[first] * s + slot[first]) * s + slot[second]
-        cols = col[first].astype(np.int64) * d + col[second]
-        P = sp.csr_matrix((val[first] * val[second], (rows, cols)), shape=(m * s * s, d * d))
-        return cls(Bs, Bs.T.tocsr(), P, P.T.tocsr(), (m, s, d))
+        return cls(Bs, Bs.T.tocsr(), _pair_products(Bs, ptr, counts, s, d), (m, s, d))
 
     def core(self, W: np.ndarray) -> np.ndarray:
         """``sum_g B_g' W_g B_g`` (G, d, d) for weights W (G, m, s, s)."""
         d = self.shape[2]
         Wf = W.reshape(W.shape[0], -1)
-        return np.asarray((self.PT @ Wf.T).T).reshape(W.shape[0], d, d)
+        return np.asarray((self.P.T @ Wf.T).T).reshape(W.shape[0], d, d)
 
     def sandwich(self, S: np.ndarray) -> np.ndarray:
         """``B_g S B_g'`` (G, m, s, s) for S (G, d, d)."""
@@ -247,6 +236,36 @@ class GlobalPairs:
         return np.moveaxis(out.reshape(-1, G, k), 1, 0)
 
 
+def _pair_products(Bs: sp.csr_matrix, ptr: np.ndarray, counts: np.ndarray, s: int, d: int
+                   ) -> sp.csr_matrix:
+    """``P`` of :class:`GlobalPairs`, assembled directly in CSR order.
+
+    Every group's entries pair with each other (``counts[g]^2`` products).
+    Enumerated entry by entry, then partner by partner, they come out sorted by
+    row and column when groups have one slot (``P``'s row g is ``B_g kron B_g``);
+    with more slots a stable sort by row restores the order within each row.
+    """
+    m = counts.size
+    nnz = int(ptr[-1])
+    group = np.repeat(np.arange(m), counts)             # group of every entry of Bs
+    reps = counts[group]                                # partners of every entry
+    first = np.repeat(np.arange(nnz), reps)
+    offsets = np.cumsum(reps) - reps                    # first product of every entry
+    second = np.arange(first.size) - np.repeat(offsets - ptr[:-s:s][group], reps)
+    index = np.int32 if d * d < 2 ** 31 else np.int64
+    col = Bs.indices.astype(index)
+    cols = col[first] * index(d) + col[second]
+    vals = Bs.data[first] * Bs.data[second]
+    if s == 1:
+        indptr = np.concatenate([[0], np.cumsum(counts * counts)])
+        return sp.csr_matrix((vals, cols, indptr), shape=(m, d * d))
+    slot = np.repeat(np.arange(m * s) % s, np.diff(ptr))
+    rows = (group[first] * s + slot[first]) * s + slot[second]
+    order = np.argsort(rows, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m * s * s))])
+    return sp.csr_matrix((vals[order], cols[order], indptr), shape=(m * s * s, d * d))
+
+
 def _spd_inverse_logdet(M: np.ndarray, inverse: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Inverse and log-determinant of large SPD matrices (G, d, d) by Cholesky (LAPACK
     ``potrf``/``potri``: d^3 flops against 2.3 d^3 for ``inv`` plus ``cholesky``); NaN
@@ -256,20 +275,21 @@ def _spd_inverse_logdet(M: np.ndarray, inverse: bool = True) -> tuple[np.ndarray
     the inverses (for a value: solves and the log-determinant only).
     """
     G, d, _ = M.shape
-    out = np.full(M.shape, np.nan)
+    out = np.empty(M.shape)
     logdet = np.full(G, np.nan)
     upper = np.tri(d, k=-1, dtype=bool).T
     for g in range(G):                  # d^3 LAPACK calls; numpy's stacked ones loop too
-        c, info = lapack.dpotrf(M[g], lower=True, clean=False)
-        if info != 0:
-            continue
-        logdet[g] = 2.0 * np.sum(np.log(np.diagonal(c)))
-        if not inverse:
-            out[g] = np.where(upper, 0.0, c)
-            continue
-        ci, info = lapack.dpotri(c, lower=True)
+        # M[g].T: the same symmetric matrix in Fortran order (no transposing copy)
+        c, info = lapack.dpotrf(M[g].T, lower=True, clean=False)
         if info == 0:
-            out[g] = np.where(upper, ci.T, ci)      # potri fills the lower triangle
+            logdet[g] = 2.0 * np.sum(np.log(np.diagonal(c)))
+            if inverse:
+                c, info = lapack.dpotri(c, lower=True, overwrite_c=True)
+        if info != 0:
+            out[g], logdet[g] = np.nan, np.nan
+            continue
+        out[g] = c                                  # its lower triangle holds the result
+        np.copyto(out[g], out[g].T if inverse else 0.0, where=upper)
     return out, logdet
 
 
@@ -634,9 +654,11 @@ class ThetaCriterion:
         G, size = self.yy.shape[0], self._chunk_size()
         return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
 
-    def fit_blocks(self, target: int = 256) -> list[np.ndarray]:
-        """Blocks of genes optimised together: about ``target`` genes, one chunk at most."""
-        G, size = self.yy.shape[0], max(1, min(target, self._chunk_size()))
+    def fit_blocks(self, target: int = 256, parts: int = 1) -> list[np.ndarray]:
+        """Blocks of genes optimised together: about ``target`` genes, one chunk at most,
+        and at least ``parts`` blocks when there are that many genes (one per thread)."""
+        G = self.yy.shape[0]
+        size = max(1, min(target, self._chunk_size(), -(-G // max(1, parts))))
         return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
 
     def solve(self, theta: np.ndarray, idx: np.ndarray | slice = slice(None),
@@ -687,11 +709,16 @@ class ThetaCriterion:
 
     def _s_gradient(self, sol: _Solved) -> np.ndarray:
         """``dS / dtheta = -2 sum a_k u_l`` with ``a = ZY - ZX b - ZZ Lambda u``."""
+        a, u = self.scores(sol)
+        return -2.0 * self.st.pair_sums(a, u, contract=True)
+
+    def scores(self, sol: _Solved) -> tuple[tuple[np.ndarray, np.ndarray],
+                                            tuple[np.ndarray, np.ndarray]]:
+        """``a = Z'H^-1 (y - X b) = ZY - ZX b - ZZ Lambda u`` and the spherical BLUPs ``u``."""
         u = sol.u()
         e1 = sol.ZY[0] - self.zz.times_zx(sol.b)
         e2 = sol.ZY[1] - self.zz.ZX2 @ sol.b[:, :, None]
-        a = self.minus_zz_lambda((e1, e2), sol.lam, u)
-        return -2.0 * self.st.pair_sums(a, u, contract=True)
+        return self.minus_zz_lambda((e1, e2), sol.lam, u), u
 
     def _xhx_gradient(self, sol: _Solved) -> np.ndarray:
         """``d log|X'H^-1X| / dtheta = -2 sum (E C U')_kl`` (REML only)."""
@@ -837,7 +864,8 @@ def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
     :func:`minimise_theta_block`, on a thread pool (numpy releases the GIL in
     the array operations).  ``n_jobs`` defaults to the number of cores.
     """
-    blocks = crit.fit_blocks()
+    workers = n_jobs or os.cpu_count() or 1
+    blocks = crit.fit_blocks(parts=workers)
     G, t = crit.yy.shape[0], crit.st.n_theta
     start = (None if start_theta is None
              else np.array(np.broadcast_to(start_theta, (G, t)), dtype=float))
@@ -846,14 +874,18 @@ def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
         return minimise_theta_block(crit.subset(idx), tol, maxiter,
                                     None if start is None else start[idx], rescue_starts)
 
-    workers = min(len(blocks), n_jobs or os.cpu_count() or 1)
-    if workers > 1:
-        # one BLAS thread per worker: the products are small, and BLAS threads on top of
-        # the workers oversubscribe the cores (measured: twice the CPU time, no gain)
-        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(run, blocks))
-    else:
-        parts = [run(idx) for idx in blocks]
+    workers = min(len(blocks), workers)
+    # one BLAS thread per worker: the products are small, and BLAS threads on top of
+    # the workers oversubscribe the cores (measured: twice the CPU time, no gain).  A
+    # single worker too: on InstEval (one response, a 1,156 x 1,156 Schur complement
+    # per step) the fit took 1.5 s with one BLAS thread against 2.2 s with two, whose
+    # idle-waiting thread slows the numpy work between the factorisations.
+    with threadpool_limits(1):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(run, blocks))
+        else:
+            parts = [run(idx) for idx in blocks]
     out = ThetaFitResult(np.empty((G, t)), np.empty(G), np.zeros(G, dtype=bool),
                          np.zeros(G, dtype=np.int64))
     for idx, res in zip(blocks, parts, strict=True):
