@@ -652,10 +652,14 @@ def _strings_as_categorical(data: pd.DataFrame, rhs: str) -> pd.DataFrame:
     patsy's own level order for strings, so the design is unchanged.
     """
     names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", rhs)) & set(map(str, data.columns))
-    convert = {name: pd.Categorical(data[name]) for name in names
-               if data[name].dtype == object
-               and pd.api.types.infer_dtype(data[name], skipna=True) == "string"}
-    return data.assign(**convert) if convert else data
+    convert = [name for name in names if data[name].dtype == object
+               and pd.api.types.infer_dtype(data[name], skipna=True) == "string"]
+    if not convert:
+        return data
+    out = data.copy(deep=False)          # the other columns are shared, not copied
+    for name in convert:
+        out[name] = pd.Categorical(data[name])
+    return out
 
 
 def _patsy_matrix(patsy: Any, formula: str, data: pd.DataFrame, what: str,

@@ -16,17 +16,20 @@ factor the gradient already holds.  With ``H = I + sum_k g_k Z_k Z_k'``,
 (REML) or ``n`` (ML), the Hessian of ``f = m log S + log|H| (+ log|X'H^-1X|)``
 is
 
-    d2f/dg_k dg_l = m [2 w_k'P w_l / S - q_k q_l / S^2] - tr(P Z_k Z_k' P Z_l Z_l'),
+    d2f/dg_k dg_l = m [2 w_k'P w_l / S - q_k q_l / S^2] - tr(R Z_k Z_k' R Z_l Z_l'),
     w_k = Z_k Z_k' P y,   q_k = y'P w_k = ||Z_k'P y||^2,
 
-and replacing the trace by its expectation given the data, ``m w_k'P w_l / S``,
-leaves
+with ``R = P`` (REML) or ``H^-1`` (ML).  Replacing the trace by
+``m w_k'P w_l / S`` (under REML its expectation, ``E[w_k'P w_l] = sigma^2
+tr(P Z_k Z_k' P Z_l Z_l')``) leaves
 
     AI_kl = (m / S) [w_k'P w_l - q_k q_l / S],
 
 the Schur complement of ``y`` in the Gram matrix of ``[y, w_1, ...]`` under
 ``P``: positive semi-definite everywhere (where the true Hessian is not, far
-from the optimum) and equal to the Hessian in expectation at it.  Everything is
+from the optimum) and, under REML, equal to the Hessian in expectation.  Under
+ML the same matrix serves as the Hessian approximation (the gradient, which
+decides the optimum, is exact in both).  Everything is
 a block vector of ``Z'`` space: ``a = Z'Py`` is the gradient's score
 (:meth:`~flashmm._fit_theta.ThetaCriterion.scores`), ``t_k`` its part on
 component k, and
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._fit_theta import ThetaCriterion, _flat, _Solved, _sym
+from ._fit_theta import ThetaCriterion, _flat, _Solved, _sym, working_set_floats
 
 __all__ = ["AverageInformationCriterion", "AverageInformation", "THETA_FLOOR"]
 
@@ -77,8 +80,12 @@ class AverageInformationCriterion(ThetaCriterion):
         """The same criterion of the same genes."""
         if crit.st.re_dim:
             raise ValueError("the average information applies to variance components only")
+        st, p = crit.st, crit.XX.shape[0]
+        base = working_set_floats(st, p)
+        extra = 5 * st.n_theta * (st.n_groups * st.block_size + st.glob_cols.size)
+        chunk = max(1, crit._chunk_size() * base // (base + extra))   # the t-column vectors
         return cls(crit.st, crit.zz, crit.XX, crit.XY, crit.ZY, crit.yy, crit.n, crit.reml,
-                   crit.chunk)
+                   chunk)
 
     def subset(self, idx: np.ndarray) -> AverageInformationCriterion:
         """The criterion of genes ``idx``."""

@@ -279,7 +279,7 @@ def _spd_inverse_logdet(M: np.ndarray, inverse: bool = True) -> tuple[np.ndarray
     logdet = np.full(G, np.nan)
     upper = np.tri(d, k=-1, dtype=bool).T
     for g in range(G):                  # d^3 LAPACK calls; numpy's stacked ones loop too
-        # M[g].T: the same symmetric matrix in Fortran order (no transposing copy)
+        # M[g].T: the same symmetric matrix in Fortran order, as LAPACK takes it
         c, info = lapack.dpotrf(M[g].T, lower=True, clean=False)
         if info == 0:
             logdet[g] = 2.0 * np.sum(np.log(np.diagonal(c)))
@@ -654,11 +654,10 @@ class ThetaCriterion:
         G, size = self.yy.shape[0], self._chunk_size()
         return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
 
-    def fit_blocks(self, target: int = 256, parts: int = 1) -> list[np.ndarray]:
-        """Blocks of genes optimised together: about ``target`` genes, one chunk at most,
-        and at least ``parts`` blocks when there are that many genes (one per thread)."""
-        G = self.yy.shape[0]
-        size = max(1, min(target, self._chunk_size(), -(-G // max(1, parts))))
+    def fit_blocks(self, target: int = 256) -> list[np.ndarray]:
+        """Blocks of genes optimised together: about ``target`` genes, one chunk at most
+        (independent of the number of threads, so that results are too)."""
+        G, size = self.yy.shape[0], max(1, min(target, self._chunk_size()))
         return [np.arange(a, min(G, a + size)) for a in range(0, G, size)]
 
     def solve(self, theta: np.ndarray, idx: np.ndarray | slice = slice(None),
@@ -865,7 +864,7 @@ def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
     the array operations).  ``n_jobs`` defaults to the number of cores.
     """
     workers = n_jobs or os.cpu_count() or 1
-    blocks = crit.fit_blocks(parts=workers)
+    blocks = crit.fit_blocks()
     G, t = crit.yy.shape[0], crit.st.n_theta
     start = (None if start_theta is None
              else np.array(np.broadcast_to(start_theta, (G, t)), dtype=float))
@@ -879,7 +878,8 @@ def minimise_theta(crit: ThetaCriterion, tol: float = 1e-10, maxiter: int = 200,
     # the workers oversubscribe the cores (measured: twice the CPU time, no gain).  A
     # single worker too: on InstEval (one response, a 1,156 x 1,156 Schur complement
     # per step) the fit took 1.5 s with one BLAS thread against 2.2 s with two, whose
-    # idle-waiting thread slows the numpy work between the factorisations.
+    # idle-waiting thread slows the numpy work between the factorisations (measured on
+    # 2 cores).
     with threadpool_limits(1):
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:

@@ -6,8 +6,8 @@ polished by Newton on lme4's own deviance function
 five-point central-difference gradient, theta to about 1e-9).  Tolerances, the
 issue's 1e-6 relative for the variances, coefficients and standard errors
 (measured: 3.3e-8, dept:service under ML; 3.8e-9 and 1.4e-8), 1e-12 for the
-log-likelihood (measured 5.9e-15).  The log-likelihood is also never lower
-than that of lme4's bobyqa fit at tight tolerance (``insteval_tight.R``; its
+log-likelihood (measured 5.9e-15).  The log-likelihood is also never lower,
+by more than 1e-8 (absolute), than that of lme4's bobyqa fit at tight tolerance (``insteval_tight.R``; its
 variances stop up to 2.4e-5 from the optimum along the flat dept:service
 direction, which the polish removes).
 """
@@ -48,7 +48,7 @@ def test_insteval_matches_lme4(model: MultiGeneMixedLM, method: str) -> None:
     st = res._st
     assert st.n_groups == 2972 and st.glob_cols.size == 1128 + 28   # students block, rest global
     llf = float(res.llf.iloc[0])
-    assert llf >= float(tight[("loglik", "")]) - 1e-9 * abs(llf)
+    assert llf >= float(tight[("loglik", "")]) - 1e-8     # measured: 2.6e-10 and 3.2e-9 above
     np.testing.assert_allclose(llf, float(val[("loglik", "")]), rtol=1e-12)
     for name in VC:
         np.testing.assert_allclose(res.vcomp[name].iloc[0], float(val[("variance", name)]),
