@@ -462,6 +462,19 @@ def build_formula_design(
 _FACTOR = re.compile(r"^\s*(?:C\(\s*([A-Za-z_]\w*)\s*\)|([A-Za-z_]\w*))\s*$")
 
 
+def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and the code of every value, as ``np.unique(return_inverse)``.
+
+    Strings are hashed (``pandas.factorize``) and only the distinct ones sorted:
+    InstEval's four factors of 73,421 strings took 0.12 s through ``np.unique``'s
+    sort of every value.
+    """
+    if values.dtype == object and pd.api.types.infer_dtype(values, skipna=False) == "string":
+        codes, uniques = pd.factorize(values, sort=True)
+        return np.asarray(uniques), codes
+    return np.unique(values, return_inverse=True)
+
+
 def indicator_block(formula: str, data: pd.DataFrame) -> LabelledBlock | None:
     """A sparse indicator block for ``"0 + C(a)"`` or ``"0 + C(a):C(b)"``, or None.
 
@@ -496,7 +509,7 @@ def indicator_block(formula: str, data: pd.DataFrame) -> LabelledBlock | None:
             if col.dtype.kind in "fc" or pd.isna(values).any():
                 return None
             try:
-                lev, c = np.unique(values, return_inverse=True)
+                lev, c = _sorted_codes(values)
             except TypeError:                      # unorderable mixed labels: patsy decides
                 return None
             lev = list(lev)
