@@ -119,10 +119,25 @@ def _as_labels(values: Any, what: str, n: int) -> np.ndarray:
     return arr
 
 
+def _holds_strings(values: Any, skipna: bool = False) -> bool:
+    """An object column of Python strings (missing values allowed with ``skipna``)."""
+    return (values.dtype == object
+            and pd.api.types.infer_dtype(values, skipna=skipna) == "string")
+
+
 def _codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Integer codes and sorted level names of a label array."""
-    uniq, codes = np.unique(labels, return_inverse=True)
-    return codes.astype(np.int64), [str(u) for u in uniq]
+    """Integer codes and sorted level names of a label array, as ``np.unique(return_inverse)``.
+
+    Strings are hashed (``pandas.factorize``) and only the distinct ones sorted:
+    InstEval's four factors of 73,421 strings took 0.12 s through ``np.unique``'s
+    sort of every value.  Unorderable mixed labels raise ``TypeError``.
+    """
+    labels = np.asarray(labels)
+    if _holds_strings(labels):
+        codes, uniq = pd.factorize(labels, sort=True)
+    else:
+        uniq, codes = np.unique(labels, return_inverse=True)
+    return codes.astype(np.int64).ravel(), [str(u) for u in uniq]
 
 
 def _indicator(codes: np.ndarray, n_levels: int) -> sp.csr_matrix:
@@ -462,19 +477,6 @@ def build_formula_design(
 _FACTOR = re.compile(r"^\s*(?:C\(\s*([A-Za-z_]\w*)\s*\)|([A-Za-z_]\w*))\s*$")
 
 
-def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct values and the code of every value, as ``np.unique(return_inverse)``.
-
-    Strings are hashed (``pandas.factorize``) and only the distinct ones sorted:
-    InstEval's four factors of 73,421 strings took 0.12 s through ``np.unique``'s
-    sort of every value.
-    """
-    if values.dtype == object and pd.api.types.infer_dtype(values, skipna=False) == "string":
-        codes, uniques = pd.factorize(values, sort=True)
-        return np.asarray(uniques), codes
-    return np.unique(values, return_inverse=True)
-
-
 def indicator_block(formula: str, data: pd.DataFrame) -> LabelledBlock | None:
     """A sparse indicator block for ``"0 + C(a)"`` or ``"0 + C(a):C(b)"``, or None.
 
@@ -509,10 +511,9 @@ def indicator_block(formula: str, data: pd.DataFrame) -> LabelledBlock | None:
             if col.dtype.kind in "fc" or pd.isna(values).any():
                 return None
             try:
-                lev, c = _sorted_codes(values)
+                c, lev = _codes(values)
             except TypeError:                      # unorderable mixed labels: patsy decides
                 return None
-            lev = list(lev)
         else:
             return None
         codes.append(c.astype(np.int64))
@@ -665,8 +666,7 @@ def _strings_as_categorical(data: pd.DataFrame, rhs: str) -> pd.DataFrame:
     patsy's own level order for strings, so the design is unchanged.
     """
     names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", rhs)) & set(map(str, data.columns))
-    convert = [name for name in names if data[name].dtype == object
-               and pd.api.types.infer_dtype(data[name], skipna=True) == "string"]
+    convert = [name for name in names if _holds_strings(data[name], skipna=True)]
     if not convert:
         return data
     out = data.copy(deep=False)          # the other columns are shared, not copied

@@ -31,7 +31,7 @@ from the optimum) and, under REML, equal to the Hessian in expectation.  Under
 ML the same matrix serves as the Hessian approximation (the gradient, which
 decides the optimum, is exact in both).  Everything is
 a block vector of ``Z'`` space: ``a = Z'Py`` is the gradient's score
-(:meth:`~flashmm._fit_theta.ThetaCriterion.scores`), ``t_k`` its part on
+(:meth:`~flashmm._fit_theta.ThetaCriterion.derivatives`), ``t_k`` its part on
 component k, and
 
     w_k'P w_l = t_k' Z'PZ t_l,   Z'PZ = Z'H^-1Z - Z'H^-1X C X'H^-1Z,
@@ -104,10 +104,8 @@ class AverageInformationCriterion(ThetaCriterion):
         f, grad, info = np.empty(G), np.empty((G, t)), np.empty((G, t, t))
         for idx in self.chunks():
             sol = self.solve(theta[idx], idx)
-            a, u = self.scores(sol)
+            dS, dld, a = self.derivatives(sol)
             S = np.maximum(sol.S, np.finfo(float).tiny)
-            dS = -2.0 * self.st.pair_sums(a, u, contract=True)
-            dld = self._ld_gradient(sol) + (self._xhx_gradient(sol) if self.reml else 0.0)
             f[idx] = self.m * np.log(S) + sol.logdet
             grad[idx] = (self.m * dS / S[:, None] + dld) / (2.0 * theta[idx])
             info[idx] = self._average_information(sol, a, S)

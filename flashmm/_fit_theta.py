@@ -700,16 +700,22 @@ class ThetaCriterion:
             sol = self.solve(theta[idx], idx, inverse=grad)
             S[idx], logdet[idx] = sol.S, sol.logdet
             if grad:
-                dS[idx] = self._s_gradient(sol)
-                dld[idx] = self._ld_gradient(sol)
-                if self.reml:
-                    dld[idx] += self._xhx_gradient(sol)
+                dS[idx], dld[idx], _ = self.derivatives(sol)
         return S, logdet, dS, dld
 
-    def _s_gradient(self, sol: _Solved) -> np.ndarray:
-        """``dS / dtheta = -2 sum a_k u_l`` with ``a = ZY - ZX b - ZZ Lambda u``."""
+    def derivatives(self, sol: _Solved) -> tuple[np.ndarray, np.ndarray,
+                                                 tuple[np.ndarray, np.ndarray]]:
+        """``dS/dtheta``, the log-determinant term's gradient and the scores ``a``.
+
+        ``dS / dtheta = -2 sum a_k u_l`` with ``a = ZY - ZX b - ZZ Lambda u``
+        (:meth:`scores`); the log-determinant term includes ``log|X'H^-1X|`` for REML.
+        """
         a, u = self.scores(sol)
-        return -2.0 * self.st.pair_sums(a, u, contract=True)
+        dS = -2.0 * self.st.pair_sums(a, u, contract=True)
+        dld = self._ld_gradient(sol)
+        if self.reml:
+            dld = dld + self._xhx_gradient(sol)
+        return dS, dld, a
 
     def scores(self, sol: _Solved) -> tuple[tuple[np.ndarray, np.ndarray],
                                             tuple[np.ndarray, np.ndarray]]:
