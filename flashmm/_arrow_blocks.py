@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ._arrow_kernel import sparse_rows
+
 __all__ = ["arrow_blocks", "arrow_pairs"]
 
 
@@ -34,6 +36,9 @@ class _Arrow:
     ZXc: np.ndarray       # (m, c, p)
     P2c: np.ndarray       # (m c, p p) outer products of the children's Z'X rows
     pos: np.ndarray       # (s, t) slot position -> parameter (one-hot)
+    par: np.ndarray       # (s,)   slot position -> parameter (-1: none)
+    zi: np.ndarray        # (m, c, nz) the children's Z'X rows: columns of their non-zeros
+    zv: np.ndarray        # (m, c, nz) ... and the values (padded with 0)
 
     @classmethod
     def of(cls, crit: Any) -> _Arrow:
@@ -47,8 +52,9 @@ class _Arrow:
         th_of = _position_parameters(crit.st.slot_theta)
         pos = np.zeros((s, crit.st.n_theta))
         pos[np.flatnonzero(th_of >= 0), th_of[th_of >= 0]] = 1.0
+        zi, zv = sparse_rows(ZXc)
         return cls(n0, a, d, a2d, n0 - a2d.sum(axis=1), np.ascontiguousarray(ZX[:, 0]), ZXc,
-                   P2c, pos)
+                   P2c, pos, np.where(th_of >= 0, th_of, -1).astype(np.int64), zi, zv)
 
 
 def _position_parameters(slot_theta: np.ndarray) -> np.ndarray:
@@ -70,11 +76,6 @@ def _bmat(w: np.ndarray, Z: np.ndarray) -> np.ndarray:
     One matrix product per block over all genes (m BLAS calls of G x c x p).
     """
     return np.matmul(w.transpose(1, 0, 2), Z).transpose(1, 0, 2)
-
-
-def _bdot(U: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """``Z_k'U`` per block and slot: (G, m, p) with shared (m, c, p) -> (G, m, c)."""
-    return np.matmul(U.transpose(1, 0, 2), Z.transpose(0, 2, 1)).transpose(1, 0, 2)
 
 
 def _gram(U: np.ndarray, w: np.ndarray) -> np.ndarray:

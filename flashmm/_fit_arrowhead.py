@@ -29,6 +29,11 @@ block of ``Z'V^-1``) is ``(x~ / sigma, (x_k - h a_k x~) / delta_k)`` with
 ``E C E'`` and ``a a'``), which split into the diagonal of ``H``, its first row
 and the rank-one ``h w w'``.  Nothing is stored per block beyond vectors of
 length s (or s x p for ``E = Z'V^-1 X``).
+
+The value, gradient and Hessian, the optimiser's work, are evaluated gene by
+gene by the compiled kernel :func:`~flashmm._arrow_kernel.arrow_evaluate`; the
+GLS (estimates, BLUPs, conditional variances) and the contrast-variance
+gradient, once per fit, are array expressions here.
 """
 
 from __future__ import annotations
@@ -39,17 +44,16 @@ import numpy as np
 
 from ._arrow_blocks import (
     _Arrow,
-    _bdot,
     _Blocks,
     _bmat,
     _gram,
     _position_parameters,
     arrow_blocks,
-    arrow_pairs,
 )
+from ._arrow_kernel import arrow_evaluate
 from ._fit_average_info import AverageInformationCriterion
 from ._fit_global import GlobalVCCriterion, global_applies
-from ._fit_theta import ThetaCriterion, ThetaGLS, _logdet_pd, _spd_inv, _sym, working_set_floats
+from ._fit_theta import ThetaCriterion, ThetaGLS, _spd_inv, _sym, working_set_floats
 from ._fit_vc import VCBlockCriterion, _Eval
 
 __all__ = ["ArrowheadCriterion", "arrowhead_applies", "specialise"]
@@ -118,45 +122,23 @@ class ArrowheadCriterion(VCBlockCriterion):
         return arrow_blocks(self.arrow, theta)
 
     def _evaluate(self, theta: np.ndarray, idx: np.ndarray, order: int) -> _Eval:
-        """``S``, ``L`` and (``order`` >= 1, 2) their derivatives in ``g`` for genes ``idx``."""
-        ar = self.arrow
-        G = theta.shape[0]
-        m, c, p = ar.ZXc.shape
-        g = self._gls_core(theta, idx)
-        bl, zyc, wzy, ut, XVX, XVy, C, b = g.bl, g.zyc, g.wzy, g.ut, g.XVX, g.XVy, g.C, g.b
-        S = (self.yy[idx] - np.sum(bl.e * zyc * zyc, axis=(1, 2)) - np.sum(bl.h * wzy * wzy, axis=1)
-             - np.sum(XVy * b, axis=1))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logdet = (np.sum(np.log(bl.sigma), axis=1) - np.sum(np.log(bl.inv_delta), axis=(1, 2))
-                      + (_logdet_pd(XVX) if self.reml else 0.0))
-        out = _Eval(S, logdet)
-        if order == 0:
-            return out
-        r0, rc, rt = g.residual()
-        a0 = rt / bl.sigma                                              # Z'V^-1 (y - X b)
-        ac = (rc - (bl.h * rt)[..., None] * ar.a) * bl.inv_delta
-        w = ar.a * bl.inv_delta                                         # K_0l (1 - h rho)^-1
-        Kd0 = bl.rho / bl.sigma
-        Kdc = ar.d * bl.inv_delta - bl.h[..., None] * w * w
-        out.dS = -self._per_parameter(a0 * a0, ac * ac)
-        out.dL = self._per_parameter(Kd0, Kdc)
-        if self.reml or order == 2:
-            Cu = ut @ C
-            uCu = np.sum(ut * Cu, axis=2)
-            ZCu = _bdot(Cu, ar.ZXc)
-            ZCZ = (C.reshape(G, p * p) @ ar.P2c.T).reshape(G, m, c)
-            ha = bl.h[..., None] * ar.a
-            ecd0 = uCu / bl.sigma ** 2                                  # (E C E')_00
-            ecdc = (ZCZ - 2.0 * ha * ZCu + ha * ha * uCu[..., None]) * bl.inv_delta ** 2
-        if self.reml:
-            out.dL -= self._per_parameter(ecd0, ecdc)
-        if order == 1:
-            return out
-        out.d2S = self._s_hessian_arrow(bl, a0, ac, w, ut, C)
-        out.d2L = self._l_hessian_arrow(bl, w, Kd0, Kdc)
-        if self.reml:
-            F0l = (ZCu - ha * uCu[..., None]) * bl.inv_delta / bl.sigma[..., None]
-            out.d2L += self._l_hessian_reml(bl, w, Kd0, Kdc, ecd0, ecdc, F0l, ut, C)
+        """``S``, ``L`` and (``order`` >= 1, 2) their derivatives in ``g`` for genes ``idx``,
+        by the compiled kernel :func:`~flashmm._arrow_kernel.arrow_evaluate`."""
+        ar, st = self.arrow, self.st
+        G, t = theta.shape
+        m, c = ar.a.shape
+        zy = self.ZY[idx][:, st.slot_cols.ravel()].reshape(G, m, c + 1) * (st.slot_cols >= 0)
+        out = _Eval(np.empty(G), np.empty(G))
+        grads = [np.empty((G, t)) if order >= 1 else np.empty((0, t)) for _ in range(2)]
+        hess = [np.empty((G, t, t)) if order >= 2 else np.empty((0, t, t)) for _ in range(2)]
+        arrow_evaluate(np.ascontiguousarray(theta, dtype=float), zy, np.ascontiguousarray(self.yy[idx]),
+                       np.ascontiguousarray(self.XY[idx]), np.ascontiguousarray(self.XX), ar.R,
+                       ar.a, ar.d, ar.a2d, ar.ZX0, ar.zi, ar.zv, ar.par, bool(self.reml), int(order),
+                       out.S, out.logdet, grads[0], grads[1], hess[0], hess[1])
+        if order >= 1:
+            out.dS, out.dL = grads
+        if order >= 2:
+            out.d2S, out.d2L = hess
         return out
 
     def _gls_core(self, theta: np.ndarray, idx: np.ndarray) -> _GLSCore:
@@ -223,83 +205,6 @@ class ArrowheadCriterion(VCBlockCriterion):
                   + np.einsum("gmcr,ct->grt", Ec * Ec, ar.pos[1:]))
             out[idx] = 2.0 * theta[idx][:, None, :] * scale[idx, None, None] * dg
         return out
-
-    # ------------------------------------------------------------ the sums
-    def _per_parameter(self, x0: np.ndarray, xc: np.ndarray) -> np.ndarray:
-        """``sum_{blocks, k in j} x_k`` per parameter j, (G, t)."""
-        pos = self.arrow.pos
-        return np.sum(x0, axis=1)[:, None] * pos[0] + np.sum(xc, axis=1) @ pos[1:]
-
-    def _pairs(self, diag0: np.ndarray, diagc: np.ndarray, first_row: np.ndarray,
-               rank1: np.ndarray | None = None, h: np.ndarray | None = None) -> np.ndarray:
-        """:func:`~flashmm._arrow_blocks.arrow_pairs` with this model's slot positions."""
-        return arrow_pairs(self.arrow.pos, diag0, diagc, first_row, rank1, h)
-
-    def _children(self) -> list[tuple[int, np.ndarray]]:
-        """The parameters of the child slots and their (c,) position masks."""
-        posc = self.arrow.pos[1:]
-        return [(j, posc[:, j]) for j in range(posc.shape[1]) if posc[:, j].any()]
-
-    def _s_hessian_arrow(self, bl: _Blocks, a0: np.ndarray, ac: np.ndarray, w: np.ndarray,
-                         ut: np.ndarray, C: np.ndarray) -> np.ndarray:
-        """``d2S/dg_i dg_j = 2 sum a_k (K - E C E')_kl a_l`` over ``k in i, l in j``."""
-        ar = self.arrow
-        G, m, c = ac.shape
-        aw = np.concatenate([(a0 * bl.rho)[..., None], ac * w], axis=2)  # a_k w_k
-        Ka = self._pairs(a0 * a0 * bl.rho, ac * ac * ar.d * bl.inv_delta, a0[..., None] * w * ac,
-                         aw, bl.h)
-        # aE_j = sum_{blocks, k in j} a_k E_k with E_0 = u~/sigma, E_k = (ZX_k - h a_k u~)/delta_k
-        aE = np.einsum("gm,gmp->gp", a0 / bl.sigma, ut)[:, None, :] * ar.pos[0][None, :, None]
-        aid = ac * bl.inv_delta
-        for j, mask in self._children():
-            wj = aid * mask
-            aE[:, j] += (wj.reshape(G, m * c) @ ar.ZXc.reshape(m * c, -1)
-                         - np.einsum("gm,gmp->gp", bl.h * np.sum(wj * ar.a, axis=2), ut))
-        return _sym(2.0 * (Ka - aE @ C @ np.swapaxes(aE, 1, 2)))
-
-    def _l_hessian_arrow(self, bl: _Blocks, w: np.ndarray, Kd0: np.ndarray, Kdc: np.ndarray
-                         ) -> np.ndarray:
-        """``-sum K_kl^2`` over ``k in i, l in j``: ``d2L/dg_i dg_j`` of ML."""
-        K0l = w / bl.sigma[..., None]                                   # K_0l, l >= 1
-        # the children's off-diagonal -h w_k w_l squared: the rank-one part minus its diagonal
-        w2 = w * w
-        hw = bl.h[..., None] * w2
-        KK = self._pairs(Kd0 * Kd0, Kdc * Kdc - hw * hw, K0l * K0l,
-                         np.concatenate([np.zeros_like(Kd0)[..., None], w2], axis=2), -bl.h ** 2)
-        return _sym(-KK)
-
-    def _l_hessian_reml(self, bl: _Blocks, w: np.ndarray, Kd0: np.ndarray, Kdc: np.ndarray,
-                        ecd0: np.ndarray, ecdc: np.ndarray, F0l: np.ndarray, ut: np.ndarray,
-                        C: np.ndarray) -> np.ndarray:
-        """REML's ``2 sum K_kl (E C E')_kl - tr(C E_i'E_i C E_j'E_j)``, without forming E."""
-        ar = self.arrow
-        G, m, c = w.shape
-        p = ut.shape[-1]
-        w2 = w * w
-        hw2 = bl.h[..., None] * w2
-        KF = self._pairs(Kd0 * ecd0, (Kdc + hw2) * ecdc, (w / bl.sigma[..., None]) * F0l)
-        # the children's rank-one part -h w_k w_l: sum_blocks h W_i' C W_j,
-        # W_j = sum_{k in j} w_k E_k = sum (a_k / delta_k^2) ZX_k - h (sum a_k^2 / delta_k^2) u~
-        aid2 = ar.a * bl.inv_delta ** 2
-        kids = self._children()
-        W = {j: _bmat(aid2 * mk, ar.ZXc) - (bl.h * np.sum(aid2 * ar.a * mk, axis=2))[..., None] * ut
-             for j, mk in kids}
-        WC = {j: W[j] @ C for j, _ in kids}
-        for i, _ in kids:
-            for j, _ in kids:
-                KF[:, i, j] -= np.einsum("gm,gmp,gmp->g", bl.h, WC[i], W[j])
-        # Omega_j = C E_j'E_j, E_j'E_j = sum_{blocks, k in j} E_k E_k'
-        EE = _gram(ut, 1.0 / bl.sigma ** 2)[:, None] * ar.pos[0][None, :, None, None]
-        id2 = bl.inv_delta ** 2
-        for j, mk in kids:
-            wj = id2 * mk
-            Y = _bmat(bl.h[..., None] * ar.a * wj, ar.ZXc)
-            T2 = np.swapaxes(Y, 1, 2) @ ut
-            EE[:, j] += ((wj.reshape(G, m * c) @ ar.P2c).reshape(G, p, p) - T2 - np.swapaxes(T2, 1, 2)
-                         + _gram(ut, bl.h ** 2 * np.sum(wj * ar.a * ar.a, axis=2)))
-        Om = C[:, None] @ EE
-        tr = np.einsum("gipq,gjqp->gij", Om, Om)
-        return _sym(2.0 * KF - tr)
 
 
 def specialise(crit: ThetaCriterion) -> ThetaCriterion:

@@ -11,7 +11,6 @@ statsmodels.  The design of ``exog_re`` is in :mod:`flashmm._exog_re`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from functools import cached_property
 from typing import Any
 
@@ -38,6 +37,7 @@ from ._fit_theta import (
     minimise_theta,
     over_gene_parts,
     satterthwaite_theta,
+    thread_count,
     varpar_covariance,
     varpar_information,
 )
@@ -109,7 +109,7 @@ def fit_structured(model: Any, reml: bool = True, start_params: Any = None,
     status = _degenerate_status(sc, residual_ss(sc))
     ok = np.flatnonzero(status == STATUS_OK)
     G, t = stats.n_genes, st.n_theta
-    workers = max(1, n_jobs or os.cpu_count() or 1)
+    workers = thread_count(n_jobs)
     crit = criterion_of(stats, st, reml, c, max_memory, workers)
     m = crit.m
     theta = np.full((G, t), np.nan)
@@ -166,7 +166,7 @@ def structure_of(stats: Any) -> ThetaStructure:
 def criterion_of(stats: Any, st: ThetaStructure, reml: bool, c: np.ndarray,
                  max_memory: Any = None, workers: int | None = None) -> ThetaCriterion:
     """The (specialised) criterion of every gene divided by ``c``, as the fit uses it."""
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = thread_count(workers)
     return specialise(ThetaCriterion.from_stats(stats, st, reml, c, MemoryBudget.of(max_memory),
                                                 workers))
 

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "sets the chunk size of the pass; a model that needs more is refused "
                           "before fitting")
     fit.add_argument("--jobs", type=int, default=None, metavar="N",
-                     help="threads for several components and random slopes (default: all cores)")
+                     help="threads for several components and random slopes (default or -1: all cores; "
+                          "-2: all but one)")
     fit.add_argument("--out", required=True, help="output CSV (tidy table)")
     fit.add_argument("--write-h5ad", metavar="OUT.h5ad",
                      help="also write obs/var and the results (write_results) to this .h5ad (X not copied)")

@@ -385,7 +385,8 @@ class MultiGeneMixedLM:
             needs ``reml=True``.
         n_jobs : int, optional
             Threads for the structured engine (several components, random
-            slopes); default: the number of cores.
+            slopes); default (or -1): every core; -2 all but one, and so on,
+            as joblib counts.
         max_memory : int, float or str, optional
             Memory the fit may use, in bytes or as ``"2GB"`` (default: half of
             the machine's RAM).  Gene chunks are sized to it; a model that

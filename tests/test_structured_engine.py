@@ -92,6 +92,22 @@ def test_small_budget_gives_the_same_fit_in_smaller_chunks() -> None:
     np.testing.assert_allclose(small.vcomp, ref.vcomp, rtol=1e-8, atol=1e-12)
 
 
+def test_n_jobs_counts_threads_as_joblib(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmm import _fit_theta
+
+    monkeypatch.setattr(_fit_theta.os, "cpu_count", lambda: 4)
+    counts = {n: _fit_theta.thread_count(n) for n in (None, -1, -2, -4, -9, 1, 3)}
+    assert counts == {None: 4, -1: 4, -2: 3, -4: 1, -9: 1, 1: 1, 3: 3}
+    data, Y = _cells(2)
+    model = _nested_spellings(data, Y)[0]
+    every = model.fit(n_jobs=-1)
+    assert every._fit.workers == 4                      # -1 is every core, not one thread
+    np.testing.assert_array_equal(every.llf, model.fit(n_jobs=1).llf)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=rf"n_jobs={bad!r}: give a positive number"):
+            model.fit(n_jobs=bad)
+
+
 def test_a_model_over_the_budget_is_refused_before_fitting() -> None:
     data, Y = _cells(3)
     model = _nested_spellings(data, Y)[0]
@@ -212,14 +228,23 @@ def test_block_criterion_derivatives_match_the_general_criterion(reml: bool,
     assert np.max(np.abs(H - Hfd) / scale) < 1e-7
 
 
+#: Nested components of the arrowhead tests: one, or two whose columns share no cells
+#: (cell types c0, c1 and c2, c3 within donor: two parameters among the children).
+_ARROW_VC = {"one": {"dct": "0 + C(ct)"},
+             "two": {"dlo": "0 + I((ct == 'c0') * 1.0) + I((ct == 'c1') * 1.0)",
+                     "dhi": "0 + I((ct == 'c2') * 1.0) + I((ct == 'c3') * 1.0)"}}
+
+
+@pytest.mark.parametrize("vc", ["one", "two"])
 @pytest.mark.parametrize("reml", [True, False])
-def test_arrowhead_closed_form_matches_the_dense_blocks(reml: bool) -> None:
-    """The closed-form arrowhead algebra against the same formulas on dense s x s blocks.
+def test_arrowhead_closed_form_matches_the_dense_blocks(reml: bool, vc: str) -> None:
+    """The closed-form arrowhead kernel against the same formulas on dense s x s blocks.
 
     Both are exact, so they agree to round-off (observed 4e-15 relative; 1e-10
     leaves room for the cancellation in ``S`` and the REML terms).  The design is
     unbalanced: donors without some cell types (empty slots), one donor with a
-    single cell type, a cell-level covariate, and genes with a component at 0.
+    single cell type, a cell-level covariate, and genes with a component at 0;
+    with ``two`` the children's slots belong to two parameters.
     """
     from flashmm._fit_arrowhead import ArrowheadCriterion, specialise
     from flashmm._fit_theta import ThetaCriterion
@@ -229,18 +254,21 @@ def test_arrowhead_closed_form_matches_the_dense_blocks(reml: bool) -> None:
     data, Y = _cells(seed=5, donors=9, celltypes=4)
     keep = ~(((data["donor"] == "d01") & (data["ct"] != "c2"))
              | ((data["donor"].isin(["d03", "d04"])) & (data["ct"] == "c0")))
+    if vc == "two":        # a missing cell type would move the other component's slots
+        keep = ~((data["donor"] == "d03") & (data["ct"] == "c3"))
     data, Y = data[keep.to_numpy()].reset_index(drop=True), Y[keep.to_numpy()]
     model = MultiGeneMixedLM.from_formula(FORMULA + " + x", data, endog=Y, groups="donor",
-                                          re_formula="1", vc_formula={"dct": "0 + C(ct)"})
+                                          re_formula="1", vc_formula=_ARROW_VC[vc])
     stats = model.stats
     st = analyse_structure(stats.components, stats.ZZ)
     general = ThetaCriterion.from_stats(stats, st, reml, np.sqrt(stats.yy / stats.n))
     closed = specialise(general)
     assert isinstance(closed, ArrowheadCriterion)
     assert np.any(st.slot_cols < 0)                          # empty slots are exercised
+    assert len(set(closed.arrow.par[1:]) - {-1}) == len(_ARROW_VC[vc])
     dense = VCBlockCriterion.of(general)
     theta = np.random.default_rng(2).uniform(0.1, 2.0, (Y.shape[1], st.n_theta))
-    theta[0, 0] = theta[1, 1] = 0.0
+    theta[0, 0] = theta[1, 1] = theta[2, -1] = 0.0
     genes = np.arange(Y.shape[1])
     for order in (0, 1, 2):
         ref, got = dense._evaluate(theta, genes, order), closed._evaluate(theta, genes, order)
