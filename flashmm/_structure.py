@@ -291,6 +291,22 @@ def theta_structure(components: tuple[RandomComponent, ...], re_dim: int, indepe
     return analyse_structure(components, ZZ, re_dim=re_dim, independent=independent)
 
 
+def nonzero_pattern(ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero(ZZ)`` (rows and columns, in row-major order) of a dense matrix, faster.
+
+    A boolean mask in the matrix's own memory order and the flat indices of its
+    non-zeros, split into rows and columns (and sorted by row when the matrix is
+    stored by columns): on a 16,000 x 16,000 ``Z'Z`` (4,000 donors x 4 slots)
+    this is several times faster than ``np.nonzero``, whose two-dimensional scan
+    is the slow part.
+    """
+    if ZZ.flags.f_contiguous and not ZZ.flags.c_contiguous:
+        cols, rows = np.divmod(np.flatnonzero(np.not_equal(ZZ.T, 0.0)), ZZ.shape[0])
+        order = np.lexsort((cols, rows))
+        return rows[order], cols[order]
+    return np.divmod(np.flatnonzero(np.not_equal(ZZ, 0.0)), ZZ.shape[1])
+
+
 def analyse_structure(components: tuple[RandomComponent, ...], ZZ: np.ndarray | None,
                       re_dim: int = 0, independent: bool = False) -> ThetaStructure:
     """Block layout of ``M`` for any combination of components (see the module docstring).
@@ -311,7 +327,7 @@ def analyse_structure(components: tuple[RandomComponent, ...], ZZ: np.ndarray | 
     q = int(sum(sizes))
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     r = int(re_dim)
-    nonzero = None if ZZ is None else np.nonzero(ZZ)   # one scan of Z'Z, shared below
+    nonzero = None if ZZ is None else nonzero_pattern(ZZ)   # one scan of Z'Z, shared below
     if r:
         pairs = [(a, b) for b in range(r) for a in range(b, r) if (a == b or not independent)]
         vc = list(range(1, len(components)))
@@ -497,8 +513,11 @@ def check_identifiable(components: tuple[RandomComponent, ...], ZZ: np.ndarray, 
                 f"random component {comp.name!r} lies in the span of the fixed effects (every "
                 "one of its columns is a combination of the columns of exog): its variance "
                 "cannot be estimated. Remove it, or remove the matching fixed-effect terms.")
-    diagonal = [np.count_nonzero(ZZ[sl, sl]) == np.count_nonzero(np.diag(ZZ[sl, sl]))
-                for sl in blocks]
+    # only components of equal sizes can be relabellings of each other: the others' blocks
+    # (a 12,000-column block of 4,000 donors x 3 cell types) need no scan
+    diagonal = [sizes.count(size) > 1
+                and np.count_nonzero(ZZ[sl, sl]) == np.count_nonzero(np.diag(ZZ[sl, sl]))
+                for sl, size in zip(blocks, sizes, strict=True)]
     for i in range(len(components)):
         for j in range(i + 1, len(components)):
             if not (diagonal[i] and diagonal[j]) or sizes[i] != sizes[j]:

@@ -349,3 +349,18 @@ def test_boundary_check_flags_descent_directions_only() -> None:
     moved[:, 1] = 0.0
     flags = _inward_descent(crit.subset(inner), moved, bounded)
     assert flags[:, list(bounded).index(1)].all()
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_nonzero_pattern_is_numpys_nonzero(order: str) -> None:
+    """The structure analysis' scan of ``Z'Z`` returns ``np.nonzero``'s pairs, in its order."""
+    from flashmm._structure import nonzero_pattern
+
+    rng = np.random.default_rng(0)
+    ZZ = np.where(rng.random((37, 37)) < 0.1, rng.normal(size=(37, 37)), 0.0)
+    ZZ = np.asarray(ZZ + ZZ.T, order=order)
+    ZZ[3, 5] = 1.0                                   # and one asymmetric entry
+    rows, cols = nonzero_pattern(ZZ)
+    want = np.nonzero(ZZ)
+    np.testing.assert_array_equal(rows, want[0])
+    np.testing.assert_array_equal(cols, want[1])
