@@ -27,7 +27,7 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 def sparse_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The non-zeros of rows (m, c, p) as column indices and values (m, c, nz), padded
-    with zeros (column 0, value 0) to the longest row (at least one entry)."""
+    with zeros (column 0, value 0) to the longest row (nz >= 1 when p >= 1)."""
     nz = max(1, int(np.max(np.count_nonzero(rows, axis=-1), initial=0)))
     order = np.argsort(rows == 0.0, axis=-1, kind="stable")[..., :nz]
     vals = np.take_along_axis(rows, order, axis=-1)

@@ -121,13 +121,22 @@ class ArrowheadCriterion(VCBlockCriterion):
     def _blocks(self, theta: np.ndarray) -> _Blocks:
         return arrow_blocks(self.arrow, theta)
 
+    def _slot_zy(self, idx: np.ndarray) -> np.ndarray:
+        """``Z'y`` of genes ``idx`` in the block slots (G, m, s), 0 in empty slots."""
+        st = self.st
+        m, s = st.slot_cols.shape
+        return self.ZY[idx][:, st.slot_cols.ravel()].reshape(len(idx), m, s) * (st.slot_cols >= 0)
+
     def _evaluate(self, theta: np.ndarray, idx: np.ndarray, order: int) -> _Eval:
         """``S``, ``L`` and (``order`` >= 1, 2) their derivatives in ``g`` for genes ``idx``,
-        by the compiled kernel :func:`~flashmm._arrow_kernel.arrow_evaluate`."""
-        ar, st = self.arrow, self.st
+        by the compiled kernel :func:`~flashmm._arrow_kernel.arrow_evaluate`.
+
+        A gene whose ``X'V^-1X`` is not numerically positive definite at ``theta`` (a
+        line-search trial far out) gets NaN in every output, so the trial is rejected.
+        """
+        ar = self.arrow
         G, t = theta.shape
-        m, c = ar.a.shape
-        zy = self.ZY[idx][:, st.slot_cols.ravel()].reshape(G, m, c + 1) * (st.slot_cols >= 0)
+        zy = self._slot_zy(idx)
         out = _Eval(np.empty(G), np.empty(G))
         grads = [np.empty((G, t)) if order >= 1 else np.empty((0, t)) for _ in range(2)]
         hess = [np.empty((G, t, t)) if order >= 2 else np.empty((0, t, t)) for _ in range(2)]
@@ -147,8 +156,7 @@ class ArrowheadCriterion(VCBlockCriterion):
         G = theta.shape[0]
         m, c, p = ar.ZXc.shape
         bl = self._blocks(theta)
-        zy = self.ZY[idx][:, self.st.slot_cols.ravel()].reshape(G, m, c + 1)
-        zy = zy * (self.st.slot_cols >= 0)
+        zy = self._slot_zy(idx)
         zy0, zyc = zy[..., 0], zy[..., 1:]
         ae = ar.a * bl.e
         wzy = zy0 - np.sum(ae * zyc, axis=2)                            # v'Z'y per block

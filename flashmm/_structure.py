@@ -302,7 +302,7 @@ def nonzero_pattern(ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     if ZZ.flags.f_contiguous and not ZZ.flags.c_contiguous:
         cols, rows = np.divmod(np.flatnonzero(np.not_equal(ZZ.T, 0.0)), ZZ.shape[0])
-        order = np.lexsort((cols, rows))
+        order = np.argsort(rows, kind="stable")           # columns ascend within each row
         return rows[order], cols[order]
     return np.divmod(np.flatnonzero(np.not_equal(ZZ, 0.0)), ZZ.shape[1])
 

@@ -276,9 +276,10 @@ def test_arrowhead_closed_form_matches_the_dense_blocks(reml: bool, vc: str) -> 
             want = getattr(ref, name)
             if want is None:
                 continue
-            scale = np.max(np.abs(want))
-            np.testing.assert_allclose(getattr(got, name), want, rtol=0, atol=1e-10 * scale,
-                                       err_msg=f"{name} (order {order})")
+            # each gene against its own largest entry (a small gene's error stays visible)
+            scale = np.max(np.abs(want.reshape(len(genes), -1)), axis=1)
+            err = np.abs(getattr(got, name) - want).reshape(len(genes), -1).max(axis=1)
+            assert np.all(err <= 1e-10 * scale), f"{name} (order {order}): {np.max(err / scale):.1e}"
 
 
 def test_arrowhead_gls_and_satterthwaite_match_the_general_path() -> None:
