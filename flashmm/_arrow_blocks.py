@@ -36,7 +36,6 @@ class _Arrow:
     ZXc: np.ndarray       # (m, c, p)
     P2c: np.ndarray       # (m c, p p) outer products of the children's Z'X rows
     pos: np.ndarray       # (s, t) slot position -> parameter (one-hot)
-    par: np.ndarray       # (s,)   slot position -> parameter (-1: none)
     zi: np.ndarray        # (m, c, nz) the children's Z'X rows: columns of their non-zeros
     zv: np.ndarray        # (m, c, nz) ... and the values (padded with 0)
 
@@ -54,7 +53,12 @@ class _Arrow:
         pos[np.flatnonzero(th_of >= 0), th_of[th_of >= 0]] = 1.0
         zi, zv = sparse_rows(ZXc)
         return cls(n0, a, d, a2d, n0 - a2d.sum(axis=1), np.ascontiguousarray(ZX[:, 0]), ZXc,
-                   P2c, pos, np.where(th_of >= 0, th_of, -1).astype(np.int64), zi, zv)
+                   P2c, pos, zi, zv)
+
+    @property
+    def par(self) -> np.ndarray:
+        """The parameter of every slot position (s,), -1 for none: ``pos`` as indices."""
+        return np.where(self.pos.any(axis=1), self.pos.argmax(axis=1), -1).astype(np.int64)
 
 
 def _position_parameters(slot_theta: np.ndarray) -> np.ndarray:

@@ -67,8 +67,9 @@ def arrowhead_applies(crit: ThetaCriterion) -> bool:
 
 
 def _arrow_floats(m: int, s: int, p: int) -> int:
-    """float64 values one gene holds during an evaluation: vectors over (blocks, slots)
-    and (blocks, p), and the p x p matrices per parameter."""
+    """float64 values one gene holds in the array expressions of the GLS and the
+    contrast gradient: vectors over (blocks, slots) and (blocks, p), and the p x p
+    matrices per parameter (the compiled evaluation holds less: one gene's blocks)."""
     return m * (24 * s + 8 * p + 8) + 8 * p * p
 
 
